@@ -1,0 +1,1 @@
+"""Sub-commands of the ``flowbp`` CLI; each module exposes ``register(subparsers)``."""

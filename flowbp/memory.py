@@ -1,0 +1,42 @@
+"""Activation memory measured exactly: bytes of the tensors autograd saves for backward."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SavedBytes:
+    """Result of :func:`saved_tensor_bytes`: ``total`` bytes over distinct storages."""
+
+    total: int = 0
+    tensors: int = 0
+    _seen: set[tuple[int, int]] = field(default_factory=set, repr=False)
+
+
+@contextmanager
+def saved_tensor_bytes(exclude: Iterable[torch.Tensor] = ()) -> Iterator[SavedBytes]:
+    """Count the bytes autograd saves for backward inside the block.
+
+    Each storage counts once (a tensor saved by two ops costs memory once) and storages of ``exclude``
+    (pass the model's parameters) are skipped: weights are resident anyway, only activations scale with
+    the surrogate. Exact and repeatable on CPU, unlike allocator statistics.
+    """
+    meter = SavedBytes()
+    skip = {(t.untyped_storage().data_ptr(), t.device.index or 0) for t in exclude}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        key = (storage.data_ptr(), t.device.index or 0)
+        if key not in skip and key not in meter._seen:
+            meter._seen.add(key)
+            meter.total += storage.nbytes()
+            meter.tensors += 1
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield meter
