@@ -7,7 +7,12 @@ import importlib
 import sys
 
 # Sub-command modules, each with ``register(subparsers)``; imported lazily so `flowbp plan` stays fast.
-COMMANDS = ("flowbp.commands.plan", "flowbp.commands.pretrain", "flowbp.commands.train", "flowbp.commands.bench")
+COMMANDS = (
+    "flowbp.commands.plan",
+    "flowbp.commands.pretrain",
+    "flowbp.commands.train",
+    "flowbp.commands.bench",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

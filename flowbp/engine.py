@@ -68,7 +68,9 @@ def check_compatible(plan: Plan, trajectory: Trajectory) -> None:
         )
     plan_sigmas = torch.tensor(plan.sigmas, dtype=torch.float64)
     if not torch.allclose(plan_sigmas, trajectory.sigmas.to(torch.float64), rtol=0, atol=1e-9):
-        raise ValueError("trajectory: its sigma grid differs from the plan's (build the plan from trajectory.sigmas)")
+        raise ValueError(
+            "trajectory: its sigma grid differs from the plan's (build the plan from trajectory.sigmas)"
+        )
 
 
 def surrogate(

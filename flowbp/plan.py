@@ -6,6 +6,7 @@ method of the paper is a plan, and so is anything a user writes with the ``custo
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -71,15 +72,21 @@ class Plan:
     def validate(self) -> None:
         n = self.num_steps
         s = self.sigmas
-        if n < 1 or any(not math.isfinite(x) for x in s) or any(b >= a for a, b in zip(s, s[1:], strict=False)):
+        if (
+            n < 1
+            or any(not math.isfinite(x) for x in s)
+            or any(b >= a for a, b in itertools.pairwise(s))
+        ):
             raise ValueError(f"sigmas: must be finite and strictly decreasing with N >= 1, got {list(s)}")
         if s[-1] != 0.0:
             raise ValueError(f"sigmas: must end at 0, got last value {s[-1]}")
         a = self.anchors
-        if len(a) < 2 or any(y <= x for x, y in zip(a, a[1:], strict=False)) or a[0] < 0 or a[-1] > n:
+        if len(a) < 2 or any(y <= x for x, y in itertools.pairwise(a)) or a[0] < 0 or a[-1] > n:
             raise ValueError(f"anchors: need >= 2 strictly increasing nodes in [0, N={n}], got {list(a)}")
         if len(self.segments) != len(a) - 1:
-            raise ValueError(f"segments: need one per anchor interval ({len(a) - 1}), got {len(self.segments)}")
+            raise ValueError(
+                f"segments: need one per anchor interval ({len(a) - 1}), got {len(self.segments)}"
+            )
         supported: set[int] = set()
         for k, seg in enumerate(self.segments):
             if (seg.start, seg.end) != (a[k], a[k + 1]):
@@ -91,7 +98,9 @@ class Plan:
                     f"segments[{k}]: support {list(seg.support)} and weights {list(seg.weights)} must be "
                     "non-empty and of equal length"
                 )
-            if len(set(seg.support)) != len(seg.support) or any(not (seg.start <= i < seg.end) for i in seg.support):
+            if len(set(seg.support)) != len(seg.support) or any(
+                not (seg.start <= i < seg.end) for i in seg.support
+            ):
                 raise ValueError(
                     f"segments[{k}].support: nodes must be distinct and in [{seg.start}, {seg.end}), "
                     f"got {list(seg.support)}"
@@ -130,7 +139,9 @@ class Plan:
         if self.renoised < 0:
             raise ValueError(f"renoised: must be >= 0, got {self.renoised}")
         if self.sample_weight not in SAMPLE_WEIGHTS:
-            raise ValueError(f"sample_weight: got {self.sample_weight!r}; allowed: {', '.join(SAMPLE_WEIGHTS)}")
+            raise ValueError(
+                f"sample_weight: got {self.sample_weight!r}; allowed: {', '.join(SAMPLE_WEIGHTS)}"
+            )
         if not (self.similarity_tau > 0):
             raise ValueError(f"similarity_tau: must be > 0, got {self.similarity_tau}")
 
@@ -174,7 +185,13 @@ class Plan:
             "num_steps": self.num_steps,
             "anchors": list(self.anchors),
             "segments": [
-                {"start": s.start, "end": s.end, "rule": s.rule, "support": list(s.support), "weights": list(s.weights)}
+                {
+                    "start": s.start,
+                    "end": s.end,
+                    "rule": s.rule,
+                    "support": list(s.support),
+                    "weights": list(s.weights),
+                }
                 for s in self.segments
             ],
             "active": list(self.active),
@@ -196,7 +213,10 @@ class Plan:
         if self.params:
             lines.append("params: " + ", ".join(f"{k}={v}" for k, v in self.params.items()))
         lines.append(f"anchors: {' -> '.join(str(a) for a in self.anchors)}")
-        header = f"{'segment':>10}  {'rule':<9} {'node':>4} {'sigma':>8} {'weight':>11}  {'active':<6} {'g':>6} {'alpha':>6}"
+        header = (
+            f"{'segment':>10}  {'rule':<9} {'node':>4} {'sigma':>8} {'weight':>11}  "
+            f"{'active':<6} {'g':>6} {'alpha':>6}"
+        )
         lines.append(header)
         lines.append("-" * len(header))
         active = set(self.active)
@@ -212,7 +232,9 @@ class Plan:
                 )
                 label = ""
         reward = self.reward_input + (f" + renoised({self.renoised})" if self.renoised else "")
-        sw = self.sample_weight + (f"(tau={self.similarity_tau:g})" if self.sample_weight == "similarity" else "")
+        sw = self.sample_weight + (
+            f"(tau={self.similarity_tau:g})" if self.sample_weight == "similarity" else ""
+        )
         lines.append("-" * len(header))
         lines.append(f"reward input: {reward}   final connector: {'on' if self.final_connector else 'off'}")
         lines.append(f"sample weight: {sw}")

@@ -65,13 +65,16 @@ def lagrange_weights(support_sigmas: Sequence[float], sigma_start: float, sigma_
     pts = np.asarray(support_sigmas, dtype=np.float64)
     if len(np.unique(pts)) != len(pts):
         raise ValueError(f"support sigmas must be distinct, got {pts.tolist()}")
+    # Work in t = (σ − σ_start) / (σ_end − σ_start) ∈ [0, 1]: the monomial basis stays well conditioned.
+    length = sigma_end - sigma_start
+    t = (pts - sigma_start) / length
     weights = []
-    for i in range(len(pts)):
-        others = np.delete(pts, i)
-        # L_i(σ) = Π_{j≠i} (σ − σ_j) / (σ_i − σ_j); np.poly gives the monic polynomial with those roots.
-        basis = np.poly1d(np.poly(others) if len(others) else [1.0]) / float(np.prod(pts[i] - others))
+    for i in range(len(t)):
+        others = np.delete(t, i)
+        # L_i(t) = Π_{j≠i} (t − t_j) / (t_i − t_j); np.poly gives the monic polynomial with those roots.
+        basis = np.poly1d(np.poly(others) if len(others) else [1.0]) / float(np.prod(t[i] - others))
         antiderivative = np.polyint(basis)
-        weights.append(float(antiderivative(sigma_end) - antiderivative(sigma_start)))
+        weights.append(float(antiderivative(1.0) - antiderivative(0.0)) * length)
     return weights
 
 

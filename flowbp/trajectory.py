@@ -73,7 +73,9 @@ def rollout(velocity: VelocityFn, noise: torch.Tensor, sigmas: Sequence[float] |
     for i in range(n):
         v = velocity(x, float(grid[i]))
         if v.shape != x.shape:
-            raise ValueError(f"velocity: returned shape {tuple(v.shape)} but the latent has shape {tuple(x.shape)}")
+            raise ValueError(
+                f"velocity: returned shape {tuple(v.shape)} but the latent has shape {tuple(x.shape)}"
+            )
         velocities[i] = v
         x = x + float(grid[i + 1] - grid[i]) * v
         latents[i + 1] = x

@@ -47,7 +47,9 @@ class Backbone(Protocol):
         """Latents -> images in [0, 1], B×3×H×W float, differentiable."""
         ...
 
-    def add_lora(self, rank: int, alpha: float | None = None, target_modules: Sequence[str] | None = None) -> None:
+    def add_lora(
+        self, rank: int, alpha: float | None = None, target_modules: Sequence[str] | None = None
+    ) -> None:
         """Wrap :attr:`transformer` with a peft LoRA adapter; only the adapter trains."""
         ...
 

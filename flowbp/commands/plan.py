@@ -39,7 +39,9 @@ def run(args: argparse.Namespace) -> int:
     if args.shift <= 0:
         raise ValueError(f"--shift: must be > 0, got {args.shift}")
     generator = torch.Generator().manual_seed(args.seed)
-    plan = make_plan(args.method, shifted_sigmas(args.steps, args.shift), generator, **parse_overrides(args.set))
+    plan = make_plan(
+        args.method, shifted_sigmas(args.steps, args.shift), generator, **parse_overrides(args.set)
+    )
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.describe())
     return 0
 

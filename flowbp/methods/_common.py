@@ -35,7 +35,7 @@ def index_window(n: int, min_idx: int = 1, max_idx: int | None = None, tail_rati
     if not (0 < tail_ratio <= 1):
         raise ValueError(f"tail_ratio: must be in (0, 1], got {tail_ratio}")
     hi_rev = n + 1 if max_idx is None else max_idx
-    hi_rev = min(hi_rev, int(math.floor(tail_ratio * n + 0.5)) + 1)
+    hi_rev = min(hi_rev, math.floor(tail_ratio * n + 0.5) + 1)
     if not (1 <= min_idx < hi_rev <= n + 1):
         raise ValueError(
             f"min_idx/max_idx: need 1 <= min_idx < max_idx <= N+1={n + 1} (after tail_ratio), "

@@ -6,6 +6,7 @@ Axes: reward-model input (``reward_input``, ``renoised``), active set (``active`
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,7 +58,7 @@ def build(sigmas: tuple[float, ...], rng: np.random.Generator, p: CustomParams) 
     n = len(sigmas) - 1
     interior = [_resolve(a, n) for a in p.anchors]
     anchors = (_resolve(p.start, n), *interior, n)
-    if any(b <= a for a, b in zip(anchors, anchors[1:], strict=False)) or anchors[0] < 0:
+    if any(b <= a for a, b in itertools.pairwise(anchors)) or anchors[0] < 0:
         raise ValueError(f"anchors: must be strictly increasing nodes in [0, N={n}], got {list(anchors)}")
     n_seg = len(anchors) - 1
     rules = list(p.weights) * n_seg if len(p.weights) == 1 else list(p.weights)
@@ -80,7 +81,9 @@ def build(sigmas: tuple[float, ...], rng: np.random.Generator, p: CustomParams) 
         scale.update({i: f for i in mine})
     alphas = list(p.coupling) * (n_seg - 1) if len(p.coupling) == 1 else list(p.coupling)
     if len(alphas) != n_seg - 1:
-        raise ValueError(f"coupling: give one α or one per interior anchor ({n_seg - 1}), got {list(p.coupling)}")
+        raise ValueError(
+            f"coupling: give one α or one per interior anchor ({n_seg - 1}), got {list(p.coupling)}"
+        )
     return Plan(
         sigmas=sigmas,
         anchors=anchors,

@@ -26,7 +26,11 @@ class DRTuneParams:
 @register("drtune", DRTuneParams, "euler 0→m (inputs detached, K spread active nodes), leap m→N on x̂_0")
 def build(sigmas: tuple[float, ...], rng: np.random.Generator, p: DRTuneParams) -> Plan:
     n = len(sigmas) - 1
-    stop = p.early_stop_steps if p.early_stop_steps is not None else int(math.floor(p.early_stop_ratio * n + 0.5))
+    stop = (
+        p.early_stop_steps
+        if p.early_stop_steps is not None
+        else math.floor(p.early_stop_ratio * n + 0.5)
+    )
     stop = max(1, min(stop, n - 1))
     m = n - int(rng.integers(1, stop + 1))
     if p.num_train_steps > m:

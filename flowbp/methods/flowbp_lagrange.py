@@ -20,7 +20,9 @@ class LagrangeParams(JKParams):
     tau: float = 0.2  # similarity floor
     order: int = 3  # P support nodes per segment
     weights: str = "lagrange"  # or "uniform" (ablation)
-    support_mode: str = "midpoint"  # which supports re-forward: none | start | midpoint (start + 1st interior) | all
+    support_mode: str = (
+        "midpoint"  # which supports re-forward: none | start | midpoint (start + 1st interior) | all
+    )
     support_scale: float = 0.25  # backward scale of the non-start active supports
     max_active: int = 2  # per segment (<= 0: no cap)
     grad_rescale: float = 0.5
@@ -48,7 +50,9 @@ class LagrangeParams(JKParams):
 
 
 def _active_supports(seg: Segment, mode: str, max_active: int) -> list[int]:
-    chosen = {"none": [], "start": [seg.start], "midpoint": list(seg.support[:2]), "all": list(seg.support)}[mode]
+    chosen = {"none": [], "start": [seg.start], "midpoint": list(seg.support[:2]), "all": list(seg.support)}[
+        mode
+    ]
     return chosen[:max_active] if max_active > 0 else chosen
 
 

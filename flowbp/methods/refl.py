@@ -14,20 +14,23 @@ from flowbp.plan import Plan, make_segments
 
 @dataclass(frozen=True)
 class ReFLParams:
-    last_n_steps: int = 11  # τ = N − U{1..last_n_steps}
+    # τ = N − U{1..last_n_steps}; unset: the paper's 11 of 25 steps, scaled to N.
+    last_n_steps: int | None = None
     # 'endpoint' adds the final connector: the paper's Table 4 endpoint-faithful ablation.
     reward_input: Literal["posterior_mean", "endpoint"] = "posterior_mean"
 
     def check(self) -> None:
-        check_min("last_n_steps", self.last_n_steps, 1)
+        if self.last_n_steps is not None:
+            check_min("last_n_steps", self.last_n_steps, 1)
 
 
 @register("refl", ReFLParams, "leap from a random late node τ; reward on the posterior mean")
 def build(sigmas: tuple[float, ...], rng: np.random.Generator, p: ReFLParams) -> Plan:
     n = len(sigmas) - 1
-    if p.last_n_steps > n:
-        raise ValueError(f"last_n_steps: {p.last_n_steps} is larger than the number of steps N={n}")
-    tau = n - int(rng.integers(1, p.last_n_steps + 1))
+    last = max(1, round(11 * n / 25)) if p.last_n_steps is None else p.last_n_steps
+    if last > n:
+        raise ValueError(f"last_n_steps: {last} is larger than the number of steps N={n}")
+    tau = n - int(rng.integers(1, last + 1))
     anchors = (tau, n)
     return Plan(
         sigmas=sigmas,
