@@ -164,7 +164,9 @@ class DigitsBackbone:
         self.config = default_config() if config is None else config
         tcfg = self.config["transformer"]
         self.device, self.dtype = torch.device(device), dtype
-        self.transformer: nn.Module = SD3Transformer2DModel(**tcfg).to(self.device, dtype)
+        self.transformer: nn.Module = SD3Transformer2DModel(**tcfg).to(self.device)
+        if dtype != torch.float32:  # (diffusers warns on any .to(dtype), even a no-op float32 one)
+            self.transformer.to(dtype)
         self.text_encoder = DigitsTextEncoder(
             self.config["text_seq_len"], tcfg["joint_attention_dim"], tcfg["pooled_projection_dim"]
         ).to(self.device, dtype)
@@ -252,7 +254,11 @@ class DigitsBackbone:
     def transformer_forward(
         self, x: torch.Tensor, timestep: torch.Tensor, ehs: torch.Tensor, pooled: torch.Tensor
     ) -> torch.Tensor:
-        """One raw (unguided) transformer call; ``timestep`` is σ·1000 per sample."""
+        """One raw (unguided) transformer call; ``timestep`` is σ·1000 per sample.
+
+        The timestep stays float32 whatever the model dtype (as in the SD3 pipeline): in bf16,
+        σ·1000 would be rounded to steps of 4–8 and neighbouring Euler nodes would collide.
+        """
         return self.transformer(
             hidden_states=x, encoder_hidden_states=ehs, pooled_projections=pooled, timestep=timestep,
             return_dict=False,
@@ -276,11 +282,11 @@ class DigitsBackbone:
             ehs = _expand(condition.encoder_hidden_states, batch)
             pooled = _expand(condition.pooled_projections, batch)
             if g == 1.0:
-                t = torch.full((batch,), float(sigma) * 1000.0, device=x.device, dtype=x.dtype)
+                t = torch.full((batch,), float(sigma) * 1000.0, device=x.device)
                 return self.transformer_forward(x, t, ehs, pooled)
             neg_ehs = _expand(condition.negative_encoder_hidden_states, batch)
             neg_pooled = _expand(condition.negative_pooled_projections, batch)
-            t = torch.full((2 * batch,), float(sigma) * 1000.0, device=x.device, dtype=x.dtype)
+            t = torch.full((2 * batch,), float(sigma) * 1000.0, device=x.device)
             out = self.transformer_forward(
                 torch.cat([x, x]), t, torch.cat([ehs, neg_ehs]), torch.cat([pooled, neg_pooled])
             )
@@ -299,6 +305,10 @@ class DigitsBackbone:
         pipeline.
         """
         return (latents / 2 + 0.5).clamp(0.0, 1.0).expand(-1, 3, -1, -1)
+
+    def default_prompts(self) -> list[str]:
+        """The ten class prompts ``"digit 0"`` … ``"digit 9"`` (training / evaluation default)."""
+        return list(PROMPTS)
 
     # ------------------------------------------------------------------ LoRA
     def add_lora(

@@ -1,0 +1,77 @@
+"""Reward registry: ``load_reward(spec)``.
+
+A reward is a callable ``(images B×3×H×W in [0, 1], prompts) -> Tensor[B]``, differentiable
+with respect to the images, as an ``nn.Module`` with frozen parameters.
+
+``spec`` is one of
+
+- a name: ``"digit-alignment"``;
+- a weighted sum as a string: ``"digit-alignment+0.5*digit-contrast"`` (terms ``[weight*]name``
+  joined by ``+`` or ``-``, e.g. ``"a-0.1*b"``; hyphens followed by a letter belong to the name,
+  so subtract a whole reward as ``"a-1*b"``);
+- a dict ``{name: weight}``.
+
+A single name with weight 1 returns that reward itself; anything else a
+:class:`~flowbp.rewards.digits.CombinedReward` whose ``parts()`` exposes each term for logging.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from flowbp.rewards.digits import DIGIT_REWARDS, CombinedReward, combine
+
+#: Every registered reward name -> constructor. Other modules (hpsv2, pickscore, …) add to it.
+REWARDS: dict[str, Any] = dict(DIGIT_REWARDS)
+
+# One term: optional sign, optional "weight*", a name. Hyphens inside a name must be followed by a
+# letter, so "a-0.5*b" reads as a minus 0.5 b while "digit-alignment" stays one name.
+_TERM = re.compile(
+    r"\s*([+-]?)\s*(?:((?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?)\s*\*\s*)?"
+    r"([A-Za-z](?:\w|-(?=[A-Za-z]))*)\s*"
+)
+
+
+def available_rewards() -> list[str]:
+    return sorted(REWARDS)
+
+
+def parse_reward_spec(spec: str | Mapping[str, float]) -> dict[str, float]:
+    """``"a+0.5*b"`` / ``{"a": 1, "b": 0.5}`` -> ``{"a": 1.0, "b": 0.5}`` (names validated)."""
+    if isinstance(spec, Mapping):
+        weights = {str(k): float(v) for k, v in spec.items()}
+    elif isinstance(spec, str):
+        weights = {}
+        pos = 0
+        while pos < len(spec):
+            match = _TERM.match(spec, pos)
+            # Every term after the first needs an explicit sign: "a 0.5*b" is a typo, not a sum.
+            if match is None or match.end() == pos or (pos > 0 and not match.group(1)):
+                raise ValueError(f"cannot parse reward spec {spec!r} at {spec[pos:]!r}; use e.g. 'a+0.5*b'")
+            sign = -1.0 if match.group(1) == "-" else 1.0
+            weight = sign * (float(match.group(2)) if match.group(2) else 1.0)
+            weights[match.group(3)] = weights.get(match.group(3), 0.0) + weight
+            pos = match.end()
+    else:
+        raise ValueError(f"reward spec must be a name, a 'a+0.5*b' string or a dict, got {spec!r}")
+    if not weights:
+        raise ValueError(f"empty reward spec {spec!r}")
+    unknown = [n for n in weights if n not in REWARDS]
+    if unknown:
+        raise ValueError(f"unknown reward(s) {unknown}; known rewards: {', '.join(available_rewards())}")
+    return weights
+
+
+def load_reward(spec: str | Mapping[str, float], **kwargs: Any) -> nn.Module:
+    """Build the reward described by ``spec``; ``kwargs`` (e.g. ``path=``) go to each constructor."""
+    weights = parse_reward_spec(spec)
+    if len(weights) == 1 and next(iter(weights.values())) == 1.0:
+        return REWARDS[next(iter(weights))](**kwargs)
+    return combine({name: REWARDS[name](**kwargs) for name in weights}, weights)
+
+
+__all__ = ["REWARDS", "CombinedReward", "available_rewards", "combine", "load_reward", "parse_reward_spec"]
