@@ -11,6 +11,7 @@ COMMANDS = (
     "flowbp.commands.plan",
     "flowbp.commands.pretrain",
     "flowbp.commands.train",
+    "flowbp.commands.sample",
     "flowbp.commands.bench",
 )
 

@@ -39,8 +39,13 @@ class Backbone(Protocol):
         """x_0 ~ N(0, I) in the latent layout that :meth:`velocity_fn` consumes."""
         ...
 
-    def velocity_fn(self, condition: Any, guidance_scale: float | None = None) -> VelocityFn:
-        """Bind prompts and guidance into ``velocity(x, sigma)`` (CFG applied inside)."""
+    def velocity_fn(
+        self, condition: Any, guidance_scale: float | None = None, detach_uncond: bool = False
+    ) -> VelocityFn:
+        """Bind prompts and guidance into ``velocity(x, sigma)`` (CFG applied inside).
+
+        ``detach_uncond`` stops the gradient through the unconditional / negative branch of real CFG.
+        """
         ...
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -59,4 +64,8 @@ class Backbone(Protocol):
 
     def load_lora(self, path: str | Path) -> None:
         """Load an adapter saved by :meth:`save_lora`."""
+        ...
+
+    def default_prompts(self) -> list[str]:
+        """Training / evaluation prompts used when the config names none."""
         ...

@@ -7,8 +7,6 @@ paper's defaults. Registering one is a decorator in one small module: no trainer
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +16,7 @@ import torch
 
 from flowbp.plan import Plan
 from flowbp.trajectory import as_sigma_grid
+from flowbp.typecheck import build_dataclass
 
 BuildFn = Callable[[tuple[float, ...], np.random.Generator, Any], Plan]
 
@@ -53,66 +52,8 @@ def get_method(name: str) -> MethodSpec:
     return _REGISTRY[name]
 
 
-def _coerce(name: str, value: Any, annotation: Any) -> Any:
-    """Check one override against its declared type; accept ints for floats and lists for tuples."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(name, value, option)
-            except ValueError as exc:
-                errors.append(str(exc))
-        raise ValueError(errors[0] if errors else f"{name}: invalid value {value!r}")
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{name}: expected a list, got {value!r}")
-        inner = typing.get_args(annotation)
-        elem = inner[0] if inner else Any
-        return tuple(_coerce(f"{name}[]", v, elem) for v in value)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"{name}: expected true/false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ValueError(f"{name}: expected an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ValueError(f"{name}: expected a number, got {value!r}")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise ValueError(f"{name}: expected a string, got {value!r}")
-    if typing.get_origin(annotation) is typing.Literal:
-        allowed = typing.get_args(annotation)
-        if value in allowed:
-            return value
-        raise ValueError(f"{name}: got {value!r}; allowed: {', '.join(map(str, allowed))}")
-    return value
-
-
 def make_params(spec: MethodSpec, overrides: Mapping[str, Any]) -> Any:
-    fields = {f.name: f for f in dataclasses.fields(spec.params_cls)}
-    hints = typing.get_type_hints(spec.params_cls)
-    unknown = [k for k in overrides if k not in fields]
-    if unknown:
-        raise ValueError(
-            f"{spec.name}: unknown parameter {unknown[0]!r}; allowed: {', '.join(sorted(fields)) or '(none)'}"
-        )
-    values = {k: _coerce(f"{spec.name}.{k}", v, hints[k]) for k, v in overrides.items()}
-    params = spec.params_cls(**values)
-    check = getattr(params, "check", None)
-    if check is not None:
-        check()
-    return params
+    return build_dataclass(spec.params_cls, overrides, spec.name, what="parameter")
 
 
 def rng_from(generator: torch.Generator | int | None) -> np.random.Generator:

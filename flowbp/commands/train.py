@@ -1,0 +1,49 @@
+"""``flowbp train``: fine-tune a backbone with any method (no arguments: the digits testbed default)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def run(args: argparse.Namespace) -> int:
+    from flowbp.commands.plan import parse_overrides
+    from flowbp.config import load_config
+    from flowbp.train import train
+
+    overrides = parse_overrides(args.set)
+    if args.output_dir is not None:
+        overrides["output_dir"] = args.output_dir
+    if args.resume is not None:
+        if args.config is not None or overrides:
+            raise ValueError("--resume: takes the run's saved config.yaml; do not combine it with --config/--set")
+        summary = train(resume=args.resume)
+    else:
+        summary = train(load_config(args.config, overrides))
+    if summary is not None:
+        keys = ("reward", "heldout_accuracy", "frechet_distance", "diversity")
+        before, after = summary["before"], summary["after"]
+        print(f"\n{'metric':<20} {'before':>10} {'after':>10}")
+        for key in keys:
+            if key in after:
+                print(f"{key:<20} {before[key]:>10.4f} {after[key]:>10.4f}")
+        imp = summary["reward_improvement"]
+        print(
+            f"reward improvement: {imp['mean']:+.4f}  95% CI [{imp['ci95_low']:+.4f}, {imp['ci95_high']:+.4f}]"
+            f"  (n={imp['n']})"
+        )
+        if args.json:
+            print(json.dumps(summary, indent=2))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("train", help="fine-tune a backbone with a reward (default: the digits testbed)")
+    p.add_argument("--config", help="YAML config file or shipped preset name (default: built-in defaults)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (YAML value)")
+    p.add_argument("--output-dir", help="run directory (must not exist or be empty)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="resume a run from its latest checkpoint")
+    p.add_argument("--json", action="store_true", help="also print the whole summary as JSON")
+    p.set_defaults(func=run)
+
+

@@ -1,0 +1,148 @@
+"""The training configuration: one flat, typed, validated YAML schema.
+
+Every key is checked before anything is written: an unknown key, a wrong type, a missing file, a
+negative learning rate or a method override that cannot produce a plan (K larger than the number
+of steps, α outside [0, 1], …) is one clear ``ValueError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from flowbp.typecheck import build_dataclass
+
+PRESETS_DIR = Path(__file__).resolve().parent / "configs"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # --- what is trained, on what
+    backbone: str = "digits"
+    backbone_path: str | None = None  # weights directory; None: the backbone's default (shipped for digits)
+    method: str = "flowbp-lagrange"
+    method_args: dict[str, Any] = field(default_factory=dict)  # overrides of the method's parameters
+    reward: str = "digit-alignment"  # a reward spec, e.g. "digit-alignment+0.5*digit-contrast"
+    prompts: list[str] | None = None  # training prompts; None: the backbone's prompt set
+    prompts_file: str | None = None  # one prompt per line (overrides `prompts`)
+    # --- sampling
+    num_inference_steps: int = 25
+    guidance_scale: float | None = None  # None: the backbone's default
+    detach_negative: bool = True  # stop the gradient through the unconditional CFG branch
+    # --- objective
+    loss: Literal["hinge", "linear"] = "hinge"
+    loss_margin: float = 0.55  # λ of the hinge ReLU(λ − r)
+    # --- optimisation
+    steps: int = 100
+    batch_size: int = 16
+    finetune: Literal["lora", "full"] = "lora"
+    lora_rank: int = 8
+    lora_alpha: float | None = None
+    lora_targets: list[str] | None = None
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float = 1.0
+    ema: bool = True
+    ema_decay: float = 0.9
+    # --- randomness: plans use their own seed so every rank draws the same plan (DESIGN 3.5.7)
+    seed: int = 42
+    plan_seed: int = 114
+    # --- evaluation, logging, outputs
+    eval_samples_per_prompt: int = 20
+    eval_seed: int = 2024
+    sample_every: int = 50  # sample grid every N steps (0: only at start and end)
+    checkpoint_every: int = 50  # 0: only at the end
+    output_dir: str | None = None  # None: runs/<backbone>-<method>-<timestamp>
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    progress: bool = True
+
+    def check(self) -> None:
+        positive_ints = ("num_inference_steps", "steps", "batch_size", "lora_rank", "eval_samples_per_prompt")
+        for name in positive_ints:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("sample_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning_rate: must be > 0, got {self.learning_rate}")
+        for name in ("weight_decay", "max_grad_norm", "adam_eps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        for name in ("adam_beta1", "adam_beta2", "ema_decay"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
+        if self.guidance_scale is not None and self.guidance_scale < 1:
+            raise ValueError(f"guidance_scale: must be >= 1 (or null for the default), got {self.guidance_scale}")
+        for name in ("backbone_path", "prompts_file"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).exists():
+                raise ValueError(f"{name}: file or directory not found: {value}")
+        if self.prompts is not None and not self.prompts:
+            raise ValueError("prompts: must be a non-empty list (or null for the backbone's prompt set)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Read a YAML config (``None``: the defaults), apply ``overrides`` and validate everything.
+
+    ``path`` may name a shipped preset (e.g. ``digits-hacking``) as well as a file.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        file = Path(path)
+        if not file.is_file():
+            preset = PRESETS_DIR / f"{path}.yaml"
+            if not preset.is_file():
+                presets = ", ".join(sorted(p.stem for p in PRESETS_DIR.glob("*.yaml")))
+                raise ValueError(f"config: file not found: {path} (shipped presets: {presets})")
+            file = preset
+        try:
+            loaded = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as exc:
+            raise ValueError(f"config: {file} is not valid YAML: {exc}") from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config: {file} must hold a mapping of key: value, got {type(loaded).__name__}")
+        values.update(loaded)
+    values.update(overrides or {})
+    return build_dataclass(TrainConfig, values, "config")
+
+
+def validate_against_components(config: TrainConfig) -> None:
+    """Checks that need the registries: the method and its overrides, the reward spec, the backbone name."""
+    from flowbp.backbones import available_backbones
+    from flowbp.methods import make_plan
+    from flowbp.rewards import parse_reward_spec
+
+    if config.backbone not in available_backbones():
+        raise ValueError(f"backbone: unknown backbone {config.backbone!r}; known: {', '.join(available_backbones())}")
+    try:
+        parse_reward_spec(config.reward)
+    except ValueError as exc:
+        raise ValueError(f"reward: {exc}") from exc
+    # Draw one plan on a linear grid of the configured length: catches unknown methods, unknown or
+    # mistyped overrides and K larger than the number of steps before any output exists.
+    n = config.num_inference_steps
+    grid = [1.0 - i / n for i in range(n)] + [0.0]
+    try:
+        make_plan(config.method, grid, 0, **config.method_args)
+    except ValueError as exc:
+        message = str(exc)
+        prefix = "method" if message.startswith("method:") else "method_args"
+        raise ValueError(f"{prefix}: {message.removeprefix('method: ')}") from exc
+
+
+def save_config(config: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
