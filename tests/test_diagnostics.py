@@ -236,3 +236,29 @@ def test_saved_bytes_and_timing_smoke() -> None:
     )
     assert len(timing.ratios) == 2 and all(r > 0 for r in timing.ratios)
     assert timing.summary()["ratio_median"] > 0
+
+
+# ---------------------------------------------------------------------------------------------- the bench command
+def test_bench_covers_every_method_and_parses_its_arguments() -> None:
+    import argparse
+
+    from flowbp.commands import bench
+
+    configs = bench.method_configs(sweeps=True)
+    methods = {c.method for c in configs}
+    assert methods == set(flowbp.available_methods()) - {"custom"}
+    # exactly one paper-default row per method, and the sweeps of the active-set size
+    defaults = [c.method for c in configs if c.default]
+    assert sorted(defaults) == sorted(methods)
+    assert {c.overrides["num_active"] for c in configs if c.method == "flowbp-sparse"} == {1, 3, 5}
+    assert {c.overrides["k"] for c in configs if c.method == "draft-k"} == {1, 3, 5}
+    sigmas = shifted(10)
+    assert bench.is_deterministic(bench.MethodConfig("draft-k", {"k": 3}), sigmas)
+    assert not bench.is_deterministic(bench.MethodConfig("flowbp-sparse"), sigmas)
+    assert not bench.is_deterministic(bench.MethodConfig("draft-lv"), sigmas)  # renoise noise is random
+    parser = argparse.ArgumentParser()
+    bench.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "--quick", "--out", "x", "--only", "cost", "--only", "deviation"])
+    assert args.quick and args.only == ["cost", "deviation"] and args.seeds == 3
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--only", "nonsense"])
