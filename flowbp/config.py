@@ -26,7 +26,8 @@ class TrainConfig:
     backbone_path: str | None = None  # weights directory; None: the backbone's default (shipped for digits)
     method: str = "flowbp-lagrange"
     method_args: dict[str, Any] = field(default_factory=dict)  # overrides of the method's parameters
-    reward: str = "digit-alignment"  # a reward spec, e.g. "digit-alignment+0.5*digit-contrast"
+    # a reward spec: "name", "a+0.5*b" or a mapping; default: the digits preference-style trade-off
+    reward: str = "digit-alignment+5*digit-contrast"
     prompts: list[str] | None = None  # training prompts; None: the backbone's prompt set
     prompts_file: str | None = None  # one prompt per line (overrides `prompts`)
     # --- sampling
@@ -37,7 +38,7 @@ class TrainConfig:
     loss: Literal["hinge", "linear"] = "hinge"
     loss_margin: float = 0.55  # λ of the hinge ReLU(λ − r)
     # --- optimisation
-    steps: int = 100
+    steps: int = 30
     batch_size: int = 16
     finetune: Literal["lora", "full"] = "lora"
     lora_rank: int = 8

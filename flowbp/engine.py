@@ -49,10 +49,29 @@ class SurrogateOutput:
 
 
 def _scale_backward(v: torch.Tensor, g: float) -> torch.Tensor:
-    if g == 1.0:
-        return v
-    v_const = v.detach()
-    return v_const + g * (v - v_const)
+    """scale(v, g) = sg(v) + g·(v − sg(v)): same value, gradient × g (a hook: no extra forward work)."""
+    if g != 1.0 and v.requires_grad:
+        v = v.view_as(v)  # a fresh node, so the hook cannot touch another use of the same tensor
+        v.register_hook(lambda grad: grad * g)
+    return v
+
+
+def _weighted_sum(stack: torch.Tensor, nodes: list[int], weights: list[float]) -> torch.Tensor | None:
+    """Σ_i w_i · stack[i] over the cached (constant) velocities of a segment, as one fused reduction.
+
+    An Euler segment has up to N cached terms: one tensordot reads them once instead of building N
+    intermediate tensors (and N autograd-free adds). Accumulates in at least float32.
+    """
+    if not nodes:
+        return None
+    if len(nodes) == 1:
+        return weights[0] * stack[nodes[0]].detach()
+    first = nodes[0]
+    contiguous = nodes == list(range(first, first + len(nodes)))
+    terms = stack[first : first + len(nodes)] if contiguous else stack[nodes]
+    acc_dtype = torch.promote_types(terms.dtype, torch.float32)
+    w = torch.tensor(weights, dtype=acc_dtype, device=terms.device)
+    return torch.tensordot(w, terms.detach().to(acc_dtype), dims=1).to(terms.dtype)
 
 
 def _connector_gap(cached: torch.Tensor, estimate: torch.Tensor) -> torch.Tensor:
@@ -68,9 +87,7 @@ def check_compatible(plan: Plan, trajectory: Trajectory) -> None:
         )
     plan_sigmas = torch.tensor(plan.sigmas, dtype=torch.float64)
     if not torch.allclose(plan_sigmas, trajectory.sigmas.to(torch.float64), rtol=0, atol=1e-9):
-        raise ValueError(
-            "trajectory: its sigma grid differs from the plan's (build the plan from trajectory.sigmas)"
-        )
+        raise ValueError("trajectory: its sigma grid differs from the plan's (build the plan from trajectory.sigmas)")
 
 
 def surrogate(
@@ -99,17 +116,19 @@ def surrogate(
     last = len(plan.segments) - 1
     for k, seg in enumerate(plan.segments):
         x_hat = x_tilde[seg.start]
+        cached = [(i, w) for i, w in zip(seg.support, seg.weights, strict=True) if i not in active]
+        constant = _weighted_sum(vel, [i for i, _ in cached], [w for _, w in cached])
+        if constant is not None:
+            x_hat = x_hat + constant
         for i, w in zip(seg.support, seg.weights, strict=True):
-            if i in active:
-                u = lat[i].detach()
-                alpha = plan.alpha(i)
-                if alpha > 0 and i in x_tilde and x_tilde[i].requires_grad:
-                    # Forward value stays x_i; backward sends α·(∂v/∂x)ᵀ into x̃_i.
-                    u = u + alpha * (x_tilde[i] - x_tilde[i].detach())
-                v = _scale_backward(call(u, float(sig[i])), plan.grad_scale[i])
-            else:
-                v = vel[i].detach()
-            x_hat = x_hat + w * v
+            if i not in active:
+                continue
+            u = lat[i].detach()
+            alpha = plan.alpha(i)
+            if alpha > 0 and i in x_tilde and x_tilde[i].requires_grad:
+                # Forward value stays x_i; backward sends α·(∂v/∂x)ᵀ into x̃_i.
+                u = u + alpha * (x_tilde[i] - x_tilde[i].detach())
+            x_hat = x_hat + w * _scale_backward(call(u, float(sig[i])), plan.grad_scale[i])
         if k == last and not plan.final_connector:
             out = x_hat
             break

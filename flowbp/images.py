@@ -19,7 +19,9 @@ def image_grid(images: torch.Tensor, rows: int, upscale: int = 4, pad: int = 1) 
     canvas = torch.ones(3, rows * (h + pad) + pad, cols * (w + pad) + pad) * 0.5
     for k in range(b):
         r, c = divmod(k, cols)
-        canvas[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = imgs[k]
+        canvas[:, pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = imgs[
+            k
+        ]
     return (canvas.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
 
 

@@ -110,6 +110,7 @@ def setup(config: TrainConfig, run_dir: Path | None = None, resume: bool = False
     backbone.encode_prompts(prompts[:1] + prompts[-1:])  # fail early on prompts the backbone cannot encode
 
     model = backbone.transformer
+    torch.manual_seed(config.seed)  # peft draws the LoRA A matrices from the global generator
     if config.finetune == "lora":
         backbone.add_lora(config.lora_rank, config.lora_alpha, config.lora_targets)
     else:
@@ -164,8 +165,13 @@ def _evaluate(run: Run) -> EvalResult:
     c = run.config
     with ema_weights(run):
         return evaluate(
-            run.backbone, run.reward, run.eval_prompts, c.eval_samples_per_prompt, c.num_inference_steps,
-            c.guidance_scale, c.eval_seed,
+            run.backbone,
+            run.reward,
+            run.eval_prompts,
+            c.eval_samples_per_prompt,
+            c.num_inference_steps,
+            c.guidance_scale,
+            c.eval_seed,
         )
 
 
@@ -173,8 +179,13 @@ def _save_grid(run: Run, tag: str) -> None:
     c = run.config
     with ema_weights(run):
         result = evaluate(
-            run.backbone, run.reward, run.eval_prompts, GRID_SAMPLES_PER_PROMPT, c.num_inference_steps,
-            c.guidance_scale, c.eval_seed,
+            run.backbone,
+            run.reward,
+            run.eval_prompts,
+            GRID_SAMPLES_PER_PROMPT,
+            c.num_inference_steps,
+            c.guidance_scale,
+            c.eval_seed,
         )
     # one row per prompt
     save_grid(result.images, run.run_dir / "samples" / f"{tag}.png", rows=len(run.eval_prompts))
@@ -183,7 +194,12 @@ def _save_grid(run: Run, tag: str) -> None:
 def _checkpoint(run: Run) -> None:
     if run.accelerator.is_main_process:
         save_checkpoint(
-            run.run_dir, run.step, dict(run.parameters), run.optimizer, run.ema, run.generators,
+            run.run_dir,
+            run.step,
+            dict(run.parameters),
+            run.optimizer,
+            run.ema,
+            run.generators,
             {"history": run.history, "before": run.before},
         )
 
@@ -275,7 +291,8 @@ def finish(run: Run, start_time: float) -> dict[str, Any]:
                 save_file(state, str(run.run_dir / "transformer.safetensors"))
         steps = [h["step"] for h in run.history]
         plot_curves(
-            run.run_dir / "reward_curve.png", steps,
+            run.run_dir / "reward_curve.png",
+            steps,
             {"training reward": [h["reward"] for h in run.history], "loss": [h["loss"] for h in run.history]},
             f"{c.method} on {c.backbone}",
         )
@@ -319,8 +336,12 @@ def train(
         if run.accelerator.is_main_process:
             _save_grid(run, "step-000000")
     bar = tqdm(
-        total=c.steps, initial=run.step, disable=not (c.progress and run.accelerator.is_main_process),
-        desc=f"{c.method}", unit="step", dynamic_ncols=True,
+        total=c.steps,
+        initial=run.step,
+        disable=not (c.progress and run.accelerator.is_main_process),
+        desc=f"{c.method}",
+        unit="step",
+        dynamic_ncols=True,
     )
     while run.step < c.steps:
         record = train_step(run)

@@ -66,7 +66,6 @@ def coerce(name: str, value: Any, annotation: Any) -> Any:
     return value
 
 
-
 def build_dataclass(cls: type, values: Mapping[str, Any], context: str, what: str = "key") -> Any:
     """``cls(**values)`` after checking every key exists and every value has the declared type.
 

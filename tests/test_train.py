@@ -30,7 +30,13 @@ def test_train_writes_every_output(tmp_path: Path) -> None:
     out = tmp_path / "run"
     summary = train(load_config(None, {**TINY, "output_dir": str(out)}))
     assert summary is not None and summary["steps"] == 4
-    for name in ("config.yaml", "summary.json", "history.json", "reward_curve.png", "lora/pytorch_lora_weights.safetensors"):
+    for name in (
+        "config.yaml",
+        "summary.json",
+        "history.json",
+        "reward_curve.png",
+        "lora/pytorch_lora_weights.safetensors",
+    ):
         assert (out / name).is_file(), name
     for tag in ("step-000000", "step-000002", "final"):
         grid = Image.open(out / "samples" / f"{tag}.png")
@@ -42,12 +48,19 @@ def test_train_writes_every_output(tmp_path: Path) -> None:
     assert saved["reward_improvement"]["n"] == 20
     history = json.loads((out / "history.json").read_text())
     assert [h["step"] for h in history] == [1, 2, 3, 4]
-    assert all(h["grad_forwards"] == 4 for h in history)  # flowbp-lagrange: 2 active supports per segment
+    # flowbp-lagrange: start + one interior support per segment (fewer when a segment is one step long)
+    assert all(2 <= h["grad_forwards"] <= 4 for h in history)
 
 
 def test_resume_is_bit_identical(tmp_path: Path) -> None:
-    cfg = {**TINY, "steps": 6, "checkpoint_every": 3, "sample_every": 0, "method": "flowbp-bridge",
-           "method_args": {"num_active": 3}}
+    cfg = {
+        **TINY,
+        "steps": 6,
+        "checkpoint_every": 3,
+        "sample_every": 0,
+        "method": "flowbp-bridge",
+        "method_args": {"num_active": 3},
+    }
     full = tmp_path / "full"
     train(load_config(None, {**cfg, "output_dir": str(full)}))
     split = tmp_path / "split"
@@ -55,8 +68,11 @@ def test_resume_is_bit_identical(tmp_path: Path) -> None:
     assert not (split / "summary.json").exists()
     summary = train(resume=split)
     assert summary is not None and summary["steps"] == 6
-    for rel in ("checkpoints/step-000006/trainable.safetensors", "checkpoints/step-000006/ema.safetensors",
-                "lora/pytorch_lora_weights.safetensors"):
+    for rel in (
+        "checkpoints/step-000006/trainable.safetensors",
+        "checkpoints/step-000006/ema.safetensors",
+        "lora/pytorch_lora_weights.safetensors",
+    ):
         a, b = load_file(str(full / rel)), load_file(str(split / rel))
         assert a.keys() == b.keys()
         for key in a:
@@ -74,10 +90,14 @@ def test_resume_is_bit_identical(tmp_path: Path) -> None:
         (["--set", "learning_rate=-0.001"], "learning_rate: must be > 0, got -0.001"),
         (["--config", "/nonexistent/cfg.yaml"], "config: file not found: /nonexistent/cfg.yaml"),
         (["--set", "prompts_file=/nonexistent/prompts.txt"], "prompts_file: file or directory not found"),
-        (["--set", "method=flowbp-sparse", "--set", "method_args={num_active: 30}"],
-         "method_args: num_active: K=30 is larger than the 25 nodes"),
-        (["--set", "method=flowbp-bridge", "--set", "method_args={alpha: 2}"],
-         "method_args: alpha: must be in [0, 1], got 2"),
+        (
+            ["--set", "method=flowbp-sparse", "--set", "method_args={num_active: 30}"],
+            "method_args: num_active: K=30 is larger than the 25 nodes",
+        ),
+        (
+            ["--set", "method=flowbp-bridge", "--set", "method_args={alpha: 2}"],
+            "method_args: alpha: must be in [0, 1], got 2",
+        ),
         (["--set", "method=sparse"], "method: unknown method 'sparse'; known methods: "),
         (["--set", "reward=digit-beauty"], "reward: unknown reward(s) ['digit-beauty']"),
         (["--set", "finetune=half"], "config.finetune: got 'half'; allowed: lora, full"),
@@ -104,3 +124,14 @@ def test_config_file_round_trip_and_refuses_to_overwrite(tmp_path: Path, capsys)
     assert main(["train", "--output-dir", str(busy)]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert (busy / "keep.txt").read_text() == "mine" and len(list(busy.iterdir())) == 1
+
+
+def test_presets_load_and_default_preset_matches_builtin_defaults() -> None:
+    default = load_config("digits-default")
+    assert default == TrainConfig()
+    hacking = load_config("digits-hacking")
+    assert hacking.reward == "digit-contrast"
+    with pytest.raises(
+        ValueError, match=r"config: file not found: nope \(shipped presets: digits-default, digits-hacking"
+    ):
+        load_config("nope")

@@ -15,12 +15,13 @@ import json
 from typing import Any
 
 TARGETS = ("digits",)
+# Kept in step with flowbp.pretrain.DEFAULT_FLOW_STEPS (a test checks), so that building the CLI parser
+# does not import diffusers: `flowbp plan` must stay fast.
+DEFAULT_FLOW_STEPS = 1500
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     """Add the ``pretrain`` sub-command to an argparse ``subparsers`` object."""
-    from flowbp.pretrain import DEFAULT_FLOW_STEPS
-
     parser = subparsers.add_parser(
         "pretrain",
         help="train the embedded digits testbed (flow model + reward + held-out classifiers)",

@@ -45,5 +45,3 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="resume a run from its latest checkpoint")
     p.add_argument("--json", action="store_true", help="also print the whole summary as JSON")
     p.set_defaults(func=run)
-
-
