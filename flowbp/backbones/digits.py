@@ -336,10 +336,11 @@ class DigitsBackbone:
         Diffusers' pipeline format (keys ``transformer.…`` plus the peft config as metadata), so
         that ``load_lora_weights`` restores rank *and* alpha.
         """
-        from diffusers import StableDiffusion3Pipeline
+        # The pipeline class would import its CLIP image processors (and their warnings); the mixin suffices.
+        from diffusers.loaders import SD3LoraLoaderMixin
         from peft.utils import get_peft_model_state_dict
 
-        StableDiffusion3Pipeline.save_lora_weights(
+        SD3LoraLoaderMixin.save_lora_weights(
             str(path),
             transformer_lora_layers=get_peft_model_state_dict(self.transformer),
             transformer_lora_adapter_metadata=self.transformer.peft_config["default"].to_dict(),
