@@ -63,15 +63,20 @@ def _load(path: str) -> Callable:
 @torch.no_grad()
 def evaluate(
     backbone,
-    reward: torch.nn.Module,
+    reward: torch.nn.Module | None,
     prompts: Sequence[str],
     samples_per_prompt: int,
     num_steps: int,
     guidance_scale: float | None,
     seed: int,
     chunk: int = 128,
+    heldout: bool = True,
 ) -> EvalResult:
-    """Sample ``samples_per_prompt`` images per prompt from fixed seeds and score them."""
+    """Sample ``samples_per_prompt`` images per prompt from fixed seeds and score them.
+
+    ``reward=None`` skips scoring (rewards are then empty) and ``heldout=False`` the held-out metrics:
+    a sample grid needs neither.
+    """
     all_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
     gen = torch.Generator().manual_seed(seed)
     sigmas = backbone.sigmas(num_steps)
@@ -83,16 +88,18 @@ def evaluate(
         traj = rollout(backbone.velocity_fn(cond, guidance_scale), noise, sigmas)
         img = backbone.decode(traj.sample).float()
         images.append(img.cpu())
+        if reward is None:
+            continue
         rewards.append(reward(img, batch).float().cpu())
         if hasattr(reward, "parts"):
             for k, v in reward.parts(img, batch).items():
                 parts.setdefault(k, []).append(v.float().cpu())
     result = EvalResult(
         prompts=all_prompts,
-        rewards=torch.cat(rewards),
+        rewards=torch.cat(rewards) if rewards else torch.empty(0),
         reward_parts={k: torch.cat(v) for k, v in parts.items()},
         images=torch.cat(images),
     )
-    if backbone.name in HELDOUT_METRICS:
+    if heldout and backbone.name in HELDOUT_METRICS:
         result.metrics, result.per_sample = _load(HELDOUT_METRICS[backbone.name])(result.images, all_prompts)
     return result

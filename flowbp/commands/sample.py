@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
         backbone.load_lora(args.lora)
     prompts = args.prompt or backbone.default_prompts()
     backbone.encode_prompts(prompts)  # clear error for prompts the backbone cannot encode
-    reward = load_reward(args.reward) if args.reward else _NoReward()
+    reward = load_reward(args.reward) if args.reward else None
     result = evaluate(backbone, reward, prompts, args.samples, args.steps, args.guidance, args.seed)
     save_grid(result.images, out, rows=len(prompts))
     print(f"wrote {out} ({len(prompts)} prompts × {args.samples} samples)")
@@ -40,13 +40,6 @@ def run(args: argparse.Namespace) -> int:
     for key, value in result.metrics.items():
         print(f"{key}: {value:.4f}")
     return 0
-
-
-class _NoReward:
-    def __call__(self, images, prompts):
-        import torch
-
-        return torch.zeros(images.shape[0])
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
