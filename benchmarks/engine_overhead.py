@@ -52,21 +52,6 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def coupled_nodes(plan: flowbp.Plan) -> set[int]:
-    """Active anchors with α > 0 whose x̃ carries gradient: their backward also needs ∂v/∂x."""
-    has_grad = {plan.anchors[0]: False}
-    coupled = set()
-    for seg in plan.segments:
-        grad = has_grad[seg.start]
-        for i in seg.support:
-            if i in plan.active:
-                grad = True
-                if plan.alpha(i) > 0 and has_grad.get(i, False):
-                    coupled.add(i)
-        has_grad[seg.end] = grad
-    return coupled
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=25)
@@ -129,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
         # what each planned call inherently costs: coupled calls also need ∂v/∂x, checkpointed ones recompute
         scale = call / kind_time[(False, False)]
         inherent = (
-            sum(kind_time[(node in coupled_nodes(plan), plan.checkpoint)] * scale for node in plan.active)
+            sum(kind_time[(node in plan.coupled_nodes, plan.checkpoint)] * scale for node in plan.active)
             + plan.renoised * call
         )
         ratio = surr / (plan.grad_forwards * call)

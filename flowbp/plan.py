@@ -154,15 +154,11 @@ class Plan:
     def alpha(self, node: int) -> float:
         return self.coupling.get(node, 0.0)
 
-    @property
-    def chain_depth(self) -> int:
-        """Longest number of Jacobian factors ∂v/∂x on any gradient path to the reward input.
-
-        A factor appears when an active anchor with α > 0 re-forwards from an x̃ that already carries
-        gradient. (DRaFT-LV's renoised inputs start from sg(x_N) and add none.)
-        """
+    def _gradient_walk(self) -> tuple[int, frozenset[int]]:
+        """Walk the segments tracking, at each anchor, the longest Jacobian chain its x̃ carries."""
         active = set(self.active)
         depth_at: dict[int, int | None] = {self.anchors[0]: None}  # None: x̃ carries no gradient
+        coupled: set[int] = set()
         for seg in self.segments:
             best = depth_at[seg.start]
             for i in seg.support:
@@ -170,12 +166,27 @@ class Plan:
                     continue
                 d = 0
                 upstream = depth_at.get(i)
-                if i in depth_at and self.alpha(i) > 0 and upstream is not None:
+                if self.alpha(i) > 0 and upstream is not None:
+                    coupled.add(i)
                     d = upstream + 1
                 best = d if best is None else max(best, d)
             depth_at[seg.end] = best
         result = depth_at[self.anchors[-1]]
-        return 0 if result is None else result
+        return (0 if result is None else result), frozenset(coupled)
+
+    @property
+    def chain_depth(self) -> int:
+        """Longest number of Jacobian factors ∂v/∂x on any gradient path to the reward input.
+
+        A factor appears when an active anchor with α > 0 re-forwards from an x̃ that already carries
+        gradient. (DRaFT-LV's renoised inputs start from sg(x_N) and add none.)
+        """
+        return self._gradient_walk()[0]
+
+    @property
+    def coupled_nodes(self) -> frozenset[int]:
+        """Active anchors whose re-forward backpropagates into its input (α > 0 and x̃ carries gradient)."""
+        return self._gradient_walk()[1]
 
     # ------------------------------------------------------------------ display
     def to_dict(self) -> dict[str, Any]:

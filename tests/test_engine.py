@@ -354,3 +354,11 @@ def test_euler_segments_reproduce_cached_latents_and_similarity_weight() -> None
     torch.testing.assert_close(out.sample_weights, 1.0 / (d_j.clamp(min=1e-4) + d_0.clamp(min=1e-4)))
     big_tau = flowbp.surrogate(dataclasses.replace(la, similarity_tau=100.0), traj, field)
     torch.testing.assert_close(big_tau.sample_weights, torch.full((B,), 1 / 200.0, dtype=torch.float64))
+
+
+def test_coupled_nodes() -> None:
+    la = flowbp.make_plan("leapalign", shifted(25), 0)
+    assert la.coupled_nodes == {la.anchors[1]}
+    assert flowbp.make_plan("leapalign", shifted(25), 0, alpha=0.0).coupled_nodes == frozenset()
+    assert flowbp.make_plan("alignprop", shifted(25), 0).coupled_nodes == frozenset(range(1, 25))
+    assert flowbp.make_plan("flowbp-sparse", shifted(25), 0).coupled_nodes == frozenset()
