@@ -317,6 +317,8 @@ def train(
         run_dir = Path(resume)
         if not (run_dir / "config.yaml").is_file():
             raise ValueError(f"resume: {run_dir} is not a run directory (no config.yaml)")
+        if (run_dir / "summary.json").is_file():
+            raise ValueError(f"resume: {run_dir} has finished (summary.json exists); nothing to resume")
         config = load_config(run_dir / "config.yaml")
         run = setup(config, run_dir, resume=True)
     else:

@@ -48,6 +48,12 @@ def test_train_writes_every_output(tmp_path: Path) -> None:
     assert saved["reward_improvement"]["n"] == 20
     history = json.loads((out / "history.json").read_text())
     assert [h["step"] for h in history] == [1, 2, 3, 4]
+    # the saved LoRA loads back through `flowbp sample` and changes the samples
+    base, tuned = tmp_path / "base.png", tmp_path / "tuned.png"
+    common = ["sample", "--samples", "2", "--steps", "6", "--prompt", "digit 4"]
+    assert main([*common, "--out", str(base)]) == 0
+    assert main([*common, "--out", str(tuned), "--lora", str(out / "lora")]) == 0
+    assert Image.open(base).tobytes() != Image.open(tuned).tobytes()
     # flowbp-lagrange: start + one interior support per segment (fewer when a segment is one step long)
     assert all(2 <= h["grad_forwards"] <= 4 for h in history)
 
@@ -77,6 +83,10 @@ def test_resume_is_bit_identical(tmp_path: Path) -> None:
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), (rel, key)
+    with pytest.raises(ValueError, match=r"resume: .* has finished \(summary.json exists\)"):
+        train(resume=split)
+    with pytest.raises(ValueError, match=r"resume: .* is not a run directory"):
+        train(resume=tmp_path)
     # and the run did move: the weights are not the initial LoRA (B = 0)
     trained = load_file(str(full / "checkpoints/step-000006/trainable.safetensors"))
     assert any(k.endswith("lora_B.default.weight") and v.abs().sum() > 0 for k, v in trained.items())
