@@ -103,7 +103,10 @@ def setup(config: TrainConfig, run_dir: Path | None = None, resume: bool = False
     kwargs: dict[str, Any] = {"device": accelerator.device}
     if config.backbone_path is not None:
         kwargs["path"] = config.backbone_path
-    backbone = load_backbone(config.backbone, **kwargs)
+    try:
+        backbone = load_backbone(config.backbone, **kwargs)
+    except FileNotFoundError as exc:
+        raise ValueError(f"backbone_path: {exc}") from exc
     reward = load_reward(config.reward).to(accelerator.device)
     reward.requires_grad_(False)
     prompts = _read_prompts(config, backbone)

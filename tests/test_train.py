@@ -111,6 +111,7 @@ def test_resume_is_bit_identical(tmp_path: Path) -> None:
         (["--set", "method=sparse"], "method: unknown method 'sparse'; known methods: "),
         (["--set", "reward=digit-beauty"], "reward: unknown reward(s) ['digit-beauty']"),
         (["--set", "finetune=half"], "config.finetune: got 'half'; allowed: lora, full"),
+        (["--set", "backbone_path=/"], "backbone_path: no digits flow model in /"),
     ],
 )
 def test_bad_config_is_one_clear_error_and_writes_nothing(tmp_path: Path, capsys, args, message: str) -> None:
