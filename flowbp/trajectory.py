@@ -27,6 +27,16 @@ def as_sigma_grid(sigmas: Sequence[float] | torch.Tensor) -> torch.Tensor:
     return grid
 
 
+def shifted_sigmas(num_steps: int, shift: float = 1.0) -> list[float]:
+    """The linear grid 1 → 0 in ``num_steps`` steps, time-shifted as SD3 does: σ' = s·σ / (1 + (s − 1)·σ).
+
+    ``shift = 1`` is the plain linear grid. Backbones use their scheduler's own grid; this one serves
+    previews (``flowbp plan``) and validation, where no backbone is loaded.
+    """
+    linear = [1.0 - i / num_steps for i in range(num_steps)] + [0.0]
+    return [shift * s / (1 + (shift - 1) * s) for s in linear]
+
+
 @dataclass(frozen=True)
 class Trajectory:
     """A detached Euler rollout.

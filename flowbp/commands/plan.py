@@ -20,19 +20,11 @@ def parse_overrides(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def linear_sigmas(num_steps: int) -> list[float]:
-    return [1.0 - i / num_steps for i in range(num_steps)] + [0.0]
-
-
-def shifted_sigmas(num_steps: int, shift: float) -> list[float]:
-    """SD3-style time shift σ' = s·σ / (1 + (s − 1)·σ) of the linear grid (shift 1 = linear)."""
-    return [shift * s / (1 + (shift - 1) * s) for s in linear_sigmas(num_steps)]
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from flowbp.methods import make_plan
+    from flowbp.trajectory import shifted_sigmas
 
     if args.steps < 1:
         raise ValueError(f"--steps: must be >= 1, got {args.steps}")
