@@ -126,7 +126,7 @@ def validate_against_components(config: TrainConfig) -> None:
     from flowbp.backbones import available_backbones
     from flowbp.methods import make_plan
     from flowbp.rewards import parse_reward_spec
-    from flowbp.trajectory import shifted_sigmas
+    from flowbp.trajectory import training_sigmas
 
     if config.backbone not in available_backbones():
         raise ValueError(f"backbone: unknown backbone {config.backbone!r}; known: {', '.join(available_backbones())}")
@@ -134,10 +134,10 @@ def validate_against_components(config: TrainConfig) -> None:
         parse_reward_spec(config.reward)
     except ValueError as exc:
         raise ValueError(f"reward: {exc}") from exc
-    # Draw one plan on a linear grid of the configured length: catches unknown methods, unknown or
+    # Draw one plan on the training grid of the configured length: catches unknown methods, unknown or
     # mistyped overrides and K larger than the number of steps before any output exists.
     try:
-        make_plan(config.method, shifted_sigmas(config.num_inference_steps), 0, **config.method_args)
+        make_plan(config.method, training_sigmas(config.num_inference_steps), 0, **config.method_args)
     except ValueError as exc:
         message = str(exc)
         prefix = "method" if message.startswith("method:") else "method_args"

@@ -15,7 +15,7 @@ trajectory of it, and a loss of the reward input(s). On it:
 
 The code is device-agnostic (CPU or CUDA): flattened gradients are float64 on the parameters' device. Results are
 plain Python numbers so that benchmarks can dump them as JSON; confidence intervals reuse
-:func:`flowbp.evaluate.mean_ci` (normal approximation over i.i.d. batches).
+:func:`flowbp.stats.mean_ci` (Student-t over i.i.d. batches).
 """
 
 from __future__ import annotations
@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 import torch
 
 from flowbp.engine import SurrogateOutput, VelocityFn, surrogate
-from flowbp.evaluate import mean_ci
 from flowbp.memory import saved_tensor_bytes
 from flowbp.methods import make_plan
 from flowbp.plan import Plan
+from flowbp.stats import mean_ci
 from flowbp.trajectory import Trajectory, rollout
 
 #: ``loss_fn(reward_inputs, sample_weights) -> scalar``. ``reward_inputs`` is the surrogate's base input followed
@@ -269,7 +269,7 @@ def fidelity(
 
 
 def summarize(values: Iterable[float]) -> dict[str, float]:
-    """Mean and 95% CI (normal approximation; ``n`` = number of values, e.g. batches) via ``mean_ci``."""
+    """Mean and 95% Student-t CI (``n`` = number of values, e.g. batches) via ``mean_ci``."""
     return mean_ci(torch.tensor(list(values), dtype=torch.float64))
 
 

@@ -6,7 +6,6 @@ intervals are tight.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -22,7 +21,7 @@ HELDOUT_METRICS: dict[str, str] = {"digits": "flowbp.evaluate:digits_heldout"}
 def digits_heldout(images: torch.Tensor, prompts: Sequence[str]) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Independent-classifier accuracy, Fréchet distance to real digits, diversity; per-sample correctness."""
     from flowbp.backbones.digits import prompt_labels
-    from flowbp.heldout_metrics import evaluate_images, heldout_logits
+    from flowbp.testbed.heldout_metrics import evaluate_images, heldout_logits
 
     correct = heldout_logits(images).argmax(1).cpu() == prompt_labels(prompts).cpu()
     return evaluate_images(images, prompts), {"heldout_correct": correct.double()}
@@ -42,15 +41,6 @@ class EvalResult:
         out.update({f"reward/{k}": float(v.mean()) for k, v in self.reward_parts.items()})
         out.update(self.metrics)
         return out
-
-
-def mean_ci(values: torch.Tensor, z: float = 1.959964) -> dict[str, float]:
-    """Mean and normal-approximation 95% confidence interval of i.i.d. (or paired-difference) values."""
-    v = values.detach().double().flatten()
-    n = v.numel()
-    mean = float(v.mean())
-    half = z * float(v.std(unbiased=True)) / math.sqrt(n) if n > 1 else float("inf")
-    return {"mean": mean, "ci95_low": mean - half, "ci95_high": mean + half, "n": n}
 
 
 def _load(path: str) -> Callable:

@@ -22,10 +22,11 @@ import torch
 from flowbp.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from flowbp.config import TrainConfig, load_config, save_config, validate_against_components
 from flowbp.engine import surrogate
-from flowbp.evaluate import EvalResult, evaluate, mean_ci
+from flowbp.evaluate import EvalResult, evaluate
 from flowbp.images import plot_curves, save_grid
 from flowbp.losses import reward_loss
 from flowbp.methods import make_plan
+from flowbp.stats import mean_ci
 from flowbp.trajectory import rollout
 
 GRID_SAMPLES_PER_PROMPT = 8

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -27,14 +28,24 @@ def as_sigma_grid(sigmas: Sequence[float] | torch.Tensor) -> torch.Tensor:
     return grid
 
 
-def shifted_sigmas(num_steps: int, shift: float = 1.0) -> list[float]:
-    """The linear grid 1 → 0 in ``num_steps`` steps, time-shifted as SD3 does: σ' = s·σ / (1 + (s − 1)·σ).
+def training_sigmas(num_steps: int, shift: float = 1.0) -> torch.Tensor:
+    """The paper's training grid (DESIGN.md 3.1), the one every backbone trains and samples on.
 
-    ``shift = 1`` is the plain linear grid. Backbones use their scheduler's own grid; this one serves
-    previews (``flowbp plan``) and validation, where no backbone is loaded.
+    s = linspace(1, 1/N, N), σ = shift(s), then the terminal 0, as float64 (length N + 1). The last
+    step runs from shift(1/N) to 0 (0.111 for SD3.5's S = 3 at N = 25, 0.04 for S = 1), never from a
+    near-zero σ: diffusers' default ``set_timesteps(N)`` ends at 0.001 (≈ 0.009 in the SD3 pipeline),
+    and a step that short carries almost no gradient. It is exactly what the diffusers pipelines'
+    schedulers yield when called with ``sigmas=linspace(1, 1/N, N)`` (static shift for SD3, ``e^μ``
+    for FLUX); ``flowbp plan``, config validation and every backbone take it from here.
     """
-    linear = [1.0 - i / num_steps for i in range(num_steps)] + [0.0]
-    return [shift * s / (1 + (shift - 1) * s) for s in linear]
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps: must be an integer >= 1, got {num_steps!r}")
+    if not (shift > 0 and math.isfinite(shift)):
+        raise ValueError(f"shift: must be a finite number > 0, got {shift!r}")
+    s = torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64)
+    sigma = shift * s / (1 + (shift - 1) * s)
+    sigma[0] = 1.0  # shift(1) = 1 exactly; keep it so in floating point
+    return torch.cat([sigma, sigma.new_zeros(1)])
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ def test_help_lists_every_command() -> None:
 
 def test_pretrain_cli_default_steps_match_the_library() -> None:
     from flowbp.commands.pretrain import DEFAULT_FLOW_STEPS
-    from flowbp.pretrain import DEFAULT_FLOW_STEPS as library_steps
+    from flowbp.testbed.pretrain import DEFAULT_FLOW_STEPS as library_steps
 
     assert DEFAULT_FLOW_STEPS == library_steps
 

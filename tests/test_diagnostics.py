@@ -87,12 +87,12 @@ def test_flatten_grads_orders_parameters_and_fills_unused_with_zeros() -> None:
 
 
 def test_confidence_interval_of_a_known_sample() -> None:
-    # mean 2.5, sample sd sqrt(5/3), half-width 1.959964·sd/√4
+    # mean 2.5, sample sd sqrt(5/3), half-width t_{0.975, 3}·sd/√4 = 3.182446·sd/2 (Student t, 4 batches)
     ci = dg.summarize([1.0, 2.0, 3.0, 4.0])
-    half = 1.959964 * math.sqrt(5 / 3) / 2
+    half = 3.182446 * math.sqrt(5 / 3) / 2
     assert ci["mean"] == pytest.approx(2.5)
-    assert ci["ci95_low"] == pytest.approx(2.5 - half)
-    assert ci["ci95_high"] == pytest.approx(2.5 + half)
+    assert ci["ci95_low"] == pytest.approx(2.5 - half, rel=1e-6)
+    assert ci["ci95_high"] == pytest.approx(2.5 + half, rel=1e-6)
     assert ci["n"] == 4
     assert dg.summarize([5.0])["ci95_high"] == math.inf  # one batch: no interval
 

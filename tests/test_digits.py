@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 
+import numpy as np
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
@@ -16,9 +17,10 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 from flowbp.backbones import available_backbones, load_backbone
 from flowbp.backbones.base import Backbone
 from flowbp.backbones.digits import PROMPTS, DigitsBackbone, parse_prompt
-from flowbp.digits_data import load_digits_split, to_rgb
-from flowbp.heldout_metrics import diversity, frechet_distance, heldout_accuracy
 from flowbp.rewards import available_rewards, load_reward
+from flowbp.testbed.data import load_digits_split, to_rgb
+from flowbp.testbed.heldout_metrics import diversity, frechet_distance, heldout_accuracy
+from flowbp.trajectory import training_sigmas
 
 
 @pytest.fixture(scope="module")
@@ -65,14 +67,22 @@ def test_decode_shapes_ranges_and_gradient(backbone: DigitsBackbone) -> None:
     assert (latents.grad[~inside] == 0).all()
 
 
-def test_sigma_grid_matches_diffusers(backbone: DigitsBackbone) -> None:
+def test_sigma_grid_is_the_papers_and_matches_diffusers(backbone: DigitsBackbone) -> None:
     for n in (1, 10, 25):
         sig = backbone.sigmas(n)
         assert sig.dtype == torch.float64 and sig.shape == (n + 1,)
         assert sig[0] == 1.0 and sig[-1] == 0.0 and (sig[1:] < sig[:-1]).all()
+        # The last step starts at shift(1/N) = 1/N for the shipped shift 1, not at diffusers' default 0.001.
+        assert backbone.shift == 1.0 and sig[-2].item() == pytest.approx(1.0 / n, abs=1e-12)
         ref = FlowMatchEulerDiscreteScheduler(shift=backbone.shift)
-        ref.set_timesteps(n)
-        assert torch.allclose(sig, ref.sigmas.double())
+        ref.set_timesteps(sigmas=np.linspace(1.0, 1.0 / n, n))
+        assert torch.allclose(sig, ref.sigmas.double(), atol=1e-6)
+    # SD3.5's shift 3 at N = 25: the last non-zero node is 3·0.04 / (1 + 2·0.04) = 0.1111.
+    sd3 = training_sigmas(25, 3.0)
+    assert sd3[-2].item() == pytest.approx(0.12 / 1.08, abs=1e-12) and sd3[-1] == 0.0
+    ref = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    ref.set_timesteps(sigmas=np.linspace(1.0, 1.0 / 25, 25))
+    assert torch.allclose(sd3, ref.sigmas.double(), atol=1e-6)
     noise = backbone.initial_noise(3, torch.Generator().manual_seed(0))
     assert noise.shape == (3, 1, 16, 16)
     assert torch.equal(noise, backbone.initial_noise(3, torch.Generator().manual_seed(0)))
@@ -208,7 +218,7 @@ def test_heldout_metrics_sanity(real_test) -> None:
 
 def test_pretrain_command_and_flow_pretraining_round_trip(tmp_path) -> None:
     from flowbp.commands.pretrain import register
-    from flowbp.pretrain import pretrain_flow
+    from flowbp.testbed.pretrain import pretrain_flow
 
     parser = argparse.ArgumentParser()
     register(parser.add_subparsers(dest="command"))

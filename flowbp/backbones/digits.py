@@ -5,8 +5,8 @@ code that runs on SD3:
 
 - the velocity network is diffusers' :class:`~diffusers.SD3Transformer2DModel` (small config),
   called with ``timestep = σ·1000`` exactly like ``StableDiffusion3Pipeline``;
-- the sigma grid comes from diffusers' :class:`~diffusers.FlowMatchEulerDiscreteScheduler`
-  (``shift`` from the config, 1.0 for the shipped model) with its terminal 0, as the pipeline uses it;
+- the sigma grid is the paper's training grid (``shift`` from the config, 1.0 for the shipped model):
+  what diffusers' :class:`~diffusers.FlowMatchEulerDiscreteScheduler` yields for ``sigmas=linspace(1, 1/N, N)``;
 - classifier-free guidance is real CFG, ``v = v_u + g (v_c − v_u)``, one batched call over
   cond + uncond;
 - LoRA goes through peft (``transformer.add_adapter``) and is saved in the diffusers
@@ -30,11 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from flowbp.backbones.base import VelocityFn
+from flowbp.trajectory import training_sigmas
 
 #: Directory of the weights shipped inside the package.
 ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
@@ -174,7 +175,6 @@ class DigitsBackbone:
         self.shift = float(self.config["shift"])
         self.default_guidance_scale = float(self.config["default_guidance_scale"])
         self.image_size = int(self.config["image_size"])
-        self.scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=self.shift)
 
     # ------------------------------------------------------------------ construction / persistence
     @classmethod
@@ -230,18 +230,14 @@ class DigitsBackbone:
         return DigitsCondition(list(prompts), ids, ehs, pooled, neg_ehs, neg_pooled)
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
-        """σ_0 = 1 > … > σ_N = 0 from diffusers' FlowMatchEulerDiscreteScheduler, as float64.
+        """The paper's training grid σ_0 = 1 > … > σ_N = 0 with this config's shift, as float64.
 
-        Same grid as ``StableDiffusion3Pipeline``: ``set_timesteps(N)`` with this config's shift,
-        i.e. ``σ = shift·s / (1 + (shift − 1)·s)`` over ``s = linspace(1, 1/1000, N)``, then the
-        terminal 0 (so σ_{N−1} = 0.001 with shift 1).
+        :func:`flowbp.trajectory.training_sigmas`: ``s = linspace(1, 1/N, N)`` shifted, then 0 (so
+        σ_{N−1} = 1/N with shift 1). It is what this backbone's FlowMatchEulerDiscreteScheduler yields
+        for ``set_timesteps(sigmas=linspace(1, 1/N, N))`` (a test checks it), as the SD3 pipeline
+        does when called with ``sigmas=``.
         """
-        if num_steps < 1:
-            raise ValueError(f"num_steps must be >= 1, got {num_steps}")
-        self.scheduler.set_timesteps(num_steps, device="cpu")
-        sig = self.scheduler.sigmas.to(torch.float64).clone()
-        assert sig.shape == (num_steps + 1,) and sig[-1] == 0.0
-        return sig
+        return training_sigmas(num_steps, self.shift)
 
     def initial_noise(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """x_0 ~ N(0, I) of shape B×1×16×16 (drawn on the generator's device, then moved)."""

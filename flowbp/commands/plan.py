@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from flowbp.methods import make_plan
-    from flowbp.trajectory import shifted_sigmas
+    from flowbp.trajectory import training_sigmas
 
     if args.steps < 1:
         raise ValueError(f"--steps: must be >= 1, got {args.steps}")
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--shift: must be > 0, got {args.shift}")
     generator = torch.Generator().manual_seed(args.seed)
     plan = make_plan(
-        args.method, shifted_sigmas(args.steps, args.shift), generator, **parse_overrides(args.set)
+        args.method, training_sigmas(args.steps, args.shift), generator, **parse_overrides(args.set)
     )
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan.describe())
     return 0

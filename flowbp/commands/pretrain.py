@@ -15,7 +15,7 @@ import json
 from typing import Any
 
 TARGETS = ("digits",)
-# Kept in step with flowbp.pretrain.DEFAULT_FLOW_STEPS (a test checks), so that building the CLI parser
+# Kept in step with flowbp.testbed.pretrain.DEFAULT_FLOW_STEPS (a test checks), so that building the CLI parser
 # does not import diffusers: `flowbp plan` must stay fast.
 DEFAULT_FLOW_STEPS = 1500
 
@@ -40,7 +40,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from flowbp.pretrain import pretrain_digits
+    from flowbp.testbed.pretrain import pretrain_digits
 
     if args.steps < 1:
         raise ValueError(f"--steps: must be >= 1, got {args.steps}")

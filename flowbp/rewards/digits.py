@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from flowbp.backbones.digits import ASSETS_DIR, prompt_labels
-from flowbp.digits_data import to_gray16
+from flowbp.testbed.data import to_gray16
 
 REWARD_CLASSIFIER = "digits_reward_classifier"
 

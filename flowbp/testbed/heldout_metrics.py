@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from flowbp.backbones.digits import prompt_labels
-from flowbp.digits_data import load_digits_split, to_gray16, to_rgb
 from flowbp.rewards.digits import load_classifier
+from flowbp.testbed.data import load_digits_split, to_gray16, to_rgb
 
 HELDOUT_CLASSIFIER = "digits_heldout_classifier"
 

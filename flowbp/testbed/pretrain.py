@@ -4,12 +4,12 @@ Everything is seeded and runs on two CPU cores in a few minutes; the shipped ass
 ``flowbp/assets/`` were produced by ``flowbp pretrain digits --out flowbp/assets`` (the command
 records its own timings and quality numbers in each JSON config under ``"training"``).
 
-Three models, three seeds, two disjoint data splits (see :mod:`flowbp.digits_data`):
+Three models, three seeds, two disjoint data splits (see :mod:`flowbp.testbed.data`):
 
 - :func:`pretrain_flow`: the class-conditional SD3-style flow model on ``train`` (seed ``s``).
 - :func:`pretrain_reward_classifier`: :class:`~flowbp.rewards.digits.DigitClassifier` on ``reward``
   (seed ``s + 1``).
-- :func:`pretrain_heldout_classifier`: :class:`~flowbp.heldout_metrics.HeldoutDigitClassifier`
+- :func:`pretrain_heldout_classifier`: :class:`~flowbp.testbed.heldout_metrics.HeldoutDigitClassifier`
   on ``heldout`` (seed ``s + 2``) — the independent judge that no training ever sees.
 """
 
@@ -30,9 +30,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from flowbp.backbones.digits import NULL_ID, PROMPTS, DigitsBackbone
-from flowbp.digits_data import load_digits_split
-from flowbp.heldout_metrics import HELDOUT_CLASSIFIER, HeldoutDigitClassifier, heldout_accuracy
 from flowbp.rewards.digits import REWARD_CLASSIFIER, DigitClassifier
+from flowbp.testbed.data import load_digits_split
+from flowbp.testbed.heldout_metrics import HELDOUT_CLASSIFIER, HeldoutDigitClassifier, heldout_accuracy
 
 DEFAULT_FLOW_STEPS = 1500
 
