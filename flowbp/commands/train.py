@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 
 def run(args: argparse.Namespace) -> int:
@@ -20,7 +21,7 @@ def run(args: argparse.Namespace) -> int:
         summary = train(resume=args.resume)
     else:
         summary = train(load_config(args.config, overrides))
-    if summary is not None:
+    if summary is not None and os.environ.get("RANK", "0") == "0":  # one report, from the main process
         keys = ("reward", "heldout_accuracy", "frechet_distance", "diversity")
         before, after = summary["before"], summary["after"]
         print(f"\n{'metric':<20} {'before':>10} {'after':>10}")
@@ -42,6 +43,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML config file or shipped preset name (default: built-in defaults)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (YAML value)")
     p.add_argument("--output-dir", help="run directory (must not exist or be empty)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="resume a run from its latest checkpoint")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="resume a run from its latest checkpoint (a run killed before its first one starts over from step 0)",
+    )
     p.add_argument("--json", action="store_true", help="also print the whole summary as JSON")
     p.set_defaults(func=run)
