@@ -124,7 +124,8 @@ class TrainConfig:
             )
         self.trackers()  # validates log_with
         if self.lr_scheduler not in LR_SCHEDULERS:
-            raise ValueError(f"lr_scheduler: unknown schedule {self.lr_scheduler!r}; allowed: {', '.join(LR_SCHEDULERS)}")
+            allowed = ", ".join(LR_SCHEDULERS)
+            raise ValueError(f"lr_scheduler: unknown schedule {self.lr_scheduler!r}; allowed: {allowed}")
         if self.lr_scheduler == "constant" and self.lr_warmup_steps > 0:
             raise ValueError(
                 f"lr_warmup_steps: {self.lr_warmup_steps} has no effect with lr_scheduler 'constant'; "

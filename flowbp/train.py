@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 
 from flowbp.checkpoint import (
     atomic_write_text,
@@ -63,7 +64,7 @@ GRID_SAMPLES_PER_PROMPT = 8
 RESUMABLE_CHANGES = ("steps", "output_dir")
 
 
-class TrainingStopped(RuntimeError):  # noqa: N818 (a stop, not a failure)
+class TrainingStopped(RuntimeError):
     """Training ended early but resumably (a signal, or too many non-finite steps); ``exit_code`` for CLIs."""
 
     def __init__(self, message: str, exit_code: int) -> None:
@@ -149,6 +150,11 @@ def build_backbone(config: TrainConfig, device: torch.device) -> Any:
         return load_backbone(config.backbone, **kwargs)
     except FileNotFoundError as exc:
         raise ValueError(f"backbone_path: {exc}") from exc
+    except (OSError, KeyError, RuntimeError, json.JSONDecodeError, SafetensorError) as exc:
+        # a truncated or foreign weights file, a config that does not fit the weights
+        where = config.backbone_path or "the shipped weights"
+        message = " ".join(str(exc).split())[:300]
+        raise ValueError(f"backbone_path: cannot load {config.backbone} from {where}: {message}") from exc
 
 
 def build_reward(config: TrainConfig, device: torch.device) -> torch.nn.Module:
@@ -346,7 +352,9 @@ def _restore(run: Run, path: Path) -> None:
     trainable = load_trainable(path)
     mismatch = sorted(set(run.parameters) ^ set(trainable))
     if mismatch:
-        raise ValueError(f"resume: checkpoint {path} does not match the model's trainable parameters ({mismatch[:3]} …)")
+        raise ValueError(
+            f"resume: checkpoint {path} does not match the model's trainable parameters ({mismatch[:3]} …)"
+        )
     with torch.no_grad():
         for name, p in run.parameters.items():
             p.copy_(_like(trainable[name], p))
@@ -532,6 +540,7 @@ def train_step(run: Run) -> dict[str, Any]:
         grad_norm = float(acc.clip_grad_norm_(params, c.max_grad_norm))
     else:
         grad_norm = float(torch.norm(torch.stack([_full(p.grad).norm() for p in params if p.grad is not None])))
+    lr = float(run.optimizer.param_groups[0]["lr"])  # the rate this step uses
     reward_value = float(all_rewards.mean())
     finite = math.isfinite(reward_value) and math.isfinite(loss_value) and math.isfinite(grad_norm)
     skip = _any_rank(acc, not finite)
@@ -556,7 +565,7 @@ def train_step(run: Run) -> dict[str, Any]:
         "loss": clean(loss_value),
         "grad_norm": clean(grad_norm),
         "skipped": skip,
-        "lr": float(run.scheduler.get_last_lr()[0]),
+        "lr": lr,
         "anchors": list(plan.anchors),
         "grad_forwards": plan.grad_forwards,
         "plan_digests": digests,
