@@ -17,6 +17,7 @@ COMMANDS = (
     "flowbp.commands.train",
     "flowbp.commands.sample",
     "flowbp.commands.bench",
+    "flowbp.commands.accelerate_config",
 )
 
 #: Exit codes: 2 bad input (argparse's convention too), 1 an unexpected error, 130 Ctrl-C;
@@ -24,8 +25,16 @@ COMMANDS = (
 EXIT_BAD_INPUT, EXIT_UNEXPECTED, EXIT_INTERRUPTED = 2, 1, 130
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (the default prints the whole usage block first)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flowbp", description="Reward backpropagation for flow matching.")
+    parser = _Parser(prog="flowbp", description="Reward backpropagation for flow matching.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors (anywhere on the line)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
