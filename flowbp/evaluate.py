@@ -7,6 +7,7 @@ intervals are tight.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -563,3 +564,78 @@ def write_run(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return EvalOutput(records, summary, comparison)
+
+
+# =====================================================================================================
+# Periodic evaluation during training (the same code as `flowbp eval`)
+# =====================================================================================================
+
+#: Held-out per-image metrics a backbone's periodic evaluation adds to the training reward by default.
+DEFAULT_EVAL_METRICS: dict[str, tuple[str, ...]] = {"digits": ("heldout-correct", "heldout-logprob")}
+
+
+def default_eval_prompts(backbone) -> list[str]:
+    """The digits prompts for the testbed; the 400 HPDv2 test prompts (shipped) for real backbones."""
+    if backbone.name != "digits" and HPDV2_PROMPTS.is_file():
+        return read_prompts(HPDV2_PROMPTS, "eval_prompts_file")
+    return list(backbone.default_prompts())
+
+
+def eval_metric_specs(config, backbone_name: str) -> list[str]:
+    """``eval_metrics`` of the config, or the training reward plus the backbone's held-out metrics."""
+    if config.eval_metrics:
+        return parse_metrics(list(config.eval_metrics))
+    reward = config.reward if isinstance(config.reward, str) else "+".join(f"{w}*{n}" for n, w in config.reward.items())
+    return [reward, *DEFAULT_EVAL_METRICS.get(backbone_name, ())]
+
+
+_SCORERS: dict[str, Callable] = {}
+
+
+def periodic_eval(run) -> dict[str, dict[str, float]]:
+    """Evaluate the EMA weights of a training run on its held-out prompt set; log and write it.
+
+    Every ``eval_every`` steps: ``eval_samples_per_prompt`` images per prompt (seeds ``eval_seed + k``), every
+    metric of :func:`eval_metric_specs`, exactly as ``flowbp eval`` does. Writes ``RUN/eval/step-NNNNNN/``
+    (a full eval run: scores.jsonl, summary.json, report.html, …; any two can be compared with
+    ``flowbp eval --compare``), logs ``eval/<metric>`` (mean) and ``eval/<metric>/ci95_*`` to TensorBoard
+    and returns ``{metric: {mean, ci95_low, ci95_high, n_prompts}}`` for history.json. Every process
+    samples (a DDP forward may synchronise buffers); only the main process writes.
+    """
+    from flowbp.train import ema_weights
+
+    c, backbone = run.config, run.backbone
+    prompts = read_prompts(c.eval_prompts_file, "eval_prompts_file") if c.eval_prompts_file else default_eval_prompts(
+        backbone
+    )
+    specs = eval_metric_specs(c, backbone.name)
+    device = run.accelerator.device
+    scorers = {}
+    for spec in specs:
+        if spec == c.reward:  # the training reward is already loaded: no second copy of a large model
+            scorers[spec] = run.reward
+        else:
+            if spec not in _SCORERS:
+                _SCORERS[spec] = load_metric(spec, getattr(c, "reward_paths", None), device)
+            scorers[spec] = _SCORERS[spec]
+    keys = plan_keys(len(prompts), c.eval_samples_per_prompt, c.eval_seed)
+    image_set = ImageSet(list(prompts), keys)
+    with ema_weights(run):
+        image_set.images = generate(backbone, prompts, keys, c.num_inference_steps, c.guidance_scale, c.batch_size)
+    scores = score(image_set.images, image_set.image_prompts(), scorers, c.batch_size, device)
+    records = records_of(image_set, scores)
+    summary = summarize(records, specs)
+    if run.accelerator.is_main_process:
+        info = {"mode": "training", "run": str(run.run_dir), "step": run.step, "backbone": c.backbone,
+                "images_per_prompt": c.eval_samples_per_prompt, "seed": c.eval_seed,
+                "steps": c.num_inference_steps, "guidance": c.guidance_scale}
+        write_run(run.run_dir / "eval" / f"step-{run.step:06d}", image_set, specs, scores, info, overwrite=True)
+        if run.writer is not None:
+            for name, s in summary.items():
+                run.writer.add_scalar(f"eval/{name}", s["mean"], run.step)
+                if math.isfinite(s["half"]):
+                    run.writer.add_scalar(f"eval/{name}/ci95_low", s["ci95_low"], run.step)
+                    run.writer.add_scalar(f"eval/{name}/ci95_high", s["ci95_high"], run.step)
+    return {
+        name: {k: s[k] for k in ("mean", "ci95_low", "ci95_high", "n_prompts")} for name, s in summary.items()
+    }
