@@ -369,7 +369,7 @@ def read_scores(run: str | Path, field_name: str = "--compare") -> list[dict[str
     return records
 
 
-def _key_set_error(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]]) -> str | None:
+def pairing_error(a: Sequence[Mapping[str, Any]], b: Sequence[Mapping[str, Any]]) -> str | None:
     """Why two runs cannot be paired image by image (None when they can)."""
     ka = {(r["prompt_index"], r["seed"]): r["prompt"] for r in a}
     kb = {(r["prompt_index"], r["seed"]): r["prompt"] for r in b}
@@ -394,7 +394,7 @@ def compare(
     Per prompt, the differences of its images (matched by seed) are averaged; the 95% Student-t interval
     is over prompts (:func:`flowbp.stats.paired_difference`). ``significant``: the interval excludes 0.
     """
-    reason = _key_set_error(a, b)
+    reason = pairing_error(a, b)
     if reason:
         raise ValueError(f"{field_name}: {reason}")
     common = [m for m in a[0]["scores"] if all(m in r["scores"] for r in b) and all(m in r["scores"] for r in a)]

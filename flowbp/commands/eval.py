@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -97,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
     prompts = ev.read_prompts(args.prompts)
     metrics = ev.parse_metrics(args.metrics)
     paths = _reward_paths(args.reward_path)
-    out = Path(args.out)
+    out = Path(args.out) if args.out else Path("evals") / datetime.now().strftime("eval-%Y%m%d-%H%M%S")
     if out.exists() and not args.overwrite:
         raise ValueError(f"--out: {out} exists (pass --overwrite to replace it)")
     baseline = ev.read_scores(args.baseline, "--baseline") if args.baseline else None
@@ -127,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if baseline is not None:
         planned = [{"prompt_index": i, "seed": s, "prompt": prompts[i]} for i, s in image_set.keys]
-        reason = ev._key_set_error(planned, baseline)
+        reason = ev.pairing_error(planned, baseline)
         if reason:
             raise ValueError(f"--baseline: {reason}")
     scorers = {m: ev.load_metric(m, paths, device) for m in metrics}
@@ -141,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         backbone = load_backbone(args.backbone, **kwargs)
         if args.lora:
             backbone.load_lora(args.lora)
-        backbone.encode_prompts(prompts)  # a prompt the backbone cannot encode fails before sampling
+        backbone.encode_prompts(prompts[:1] + prompts[-1:])  # fail early on prompts the backbone cannot encode
         image_set.images = ev.generate(
             backbone, prompts, image_set.keys, args.steps, args.guidance, args.batch_size, progress
         )
@@ -190,7 +191,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--reward-path", action="append", metavar="NAME=PATH", help="weights of a reward (repeatable)")
     p.add_argument("--baseline", metavar="RUN", help="also compare with this eval run (paired by prompt and seed)")
     p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="only compare two eval runs: A − B")
-    p.add_argument("--out", help="run directory to write (with --compare: an optional JSON file)")
+    p.add_argument(
+        "--out", help="run directory to write (default: evals/eval-<time>; with --compare: an optional JSON file)"
+    )
     p.add_argument("--embed-images", action="store_true", help="embed the images in report.html (one portable file)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--no-progress", action="store_true")
