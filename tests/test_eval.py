@@ -280,3 +280,22 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(runs, tmp_path: Path, ca
         assert message in err and len(err.splitlines()) == 1, (args, err)
         assert sorted(p.name for p in tmp_path.iterdir()) == before, args  # nothing written, no temp dir left
     assert sorted(p.name for p in runs["root"].iterdir()) == ["base", "prompts.txt", "short"]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium not installed (optional check)")
+@pytest.mark.parametrize("run", ["base", "short"])
+def test_report_in_headless_chromium_loads_every_image_and_sorts(runs, run: str) -> None:
+    import re
+    import subprocess
+
+    run_dir = runs[run]
+    url = (run_dir / "report.html").resolve().as_uri() + "#sort=5-desc"  # column 5: digit-contrast, descending
+    dom = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=3000", "--dump-dom", url],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout
+    assert 'data-images-loaded="8"' in dom  # the browser decoded all 8 images (relative files or data URIs)
+    row = r'class="score-row" data-prompt-index="(\d+)" data-seed="(\d+)"'
+    shown = [(int(i), int(s)) for i, s in re.findall(row, dom)]
+    ranked = sorted(_records(run_dir), key=lambda r: -r["scores"]["digit-contrast"])
+    assert shown == [(r["prompt_index"], r["seed"]) for r in ranked]
