@@ -263,7 +263,8 @@ def _bad_cases(runs: dict[str, Path], tmp: Path) -> list[tuple[list[str], str]]:
          "cat.png is not named p<prompt index>_s<seed>.png"),
         ([*model, "--metrics", "digit-ink", "--baseline", str(other)], "--baseline: the runs have different"),
         ([*model, "--metrics", "digit-ink", "--out", str(runs["base"])], "exists (pass --overwrite"),
-        ([*model, "--metrics", "heldout-logprob", "--baseline", str(runs["base"])], "shares no metric with --metrics"),
+        ([*model, "--images-per-prompt", "2", "--metrics", "heldout-logprob", "--baseline", str(runs["base"])],
+         "shares no metric with --metrics"),
         (["--compare", str(runs["base"]), str(other)], "--compare: the runs have different prompts/seeds"),
         (["--compare", str(runs["base"]), str(tmp / "missing")], "--compare: not a directory"),
     ]
