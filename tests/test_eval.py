@@ -76,7 +76,7 @@ def test_eval_writes_scores_equal_to_the_rewards_called_directly(runs) -> None:
     assert [(r["prompt_index"], r["seed"], r["prompt"]) for r in records] == [
         (i, s, PROMPTS[i]) for i in range(4) for s in (0, 1)
     ]
-    images = torch.stack([load_image(base / r["image"]) for r in records])
+    images = torch.stack([load_image(base / r["image"]) for r in records]).float() / 255
     assert images.shape == (8, 3, 16, 16)
     prompts = [r["prompt"] for r in records]
     for spec in REWARDS:
