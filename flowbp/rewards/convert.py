@@ -218,6 +218,8 @@ def imagereward_config(
         "layer_norm_eps": float(med.get("layer_norm_eps", 1e-12)),
         "pad_token_id": int(med.get("pad_token_id", 0)),
         "is_decoder": True,  # transformers builds the cross-attention modules only for decoders
+        "bos_token_id": None,  # unused by the encoder forward; BLIP's defaults (30522, 102) only fit the real vocab
+        "sep_token_id": None,
     }
     return {
         "vision": vision,
