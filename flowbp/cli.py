@@ -14,6 +14,7 @@ COMMANDS = (
     "flowbp.commands.sample",
     "flowbp.commands.bench",
     "flowbp.commands.eval",
+    "flowbp.commands.convert_reward",
 )
 
 

@@ -28,6 +28,9 @@ class TrainConfig:
     method_args: dict[str, Any] = field(default_factory=dict)  # overrides of the method's parameters
     # a reward spec: "name", "a+0.5*b" or a mapping; default: the digits preference-style trade-off
     reward: str = "digit-alignment+5*digit-contrast"
+    # reward name -> weights location (file or folder) for real reward models, e.g. {hpsv2: /ckpt/hps};
+    # unlisted rewards use $FLOWBP_REWARD_DIR/<name> or the hub cache (see README, Rewards)
+    reward_paths: dict[str, str] = field(default_factory=dict)
     prompts: list[str] | None = None  # training prompts; None: the backbone's prompt set
     prompts_file: str | None = None  # one prompt per line (overrides `prompts`)
     # --- sampling
@@ -87,6 +90,9 @@ class TrainConfig:
                 raise ValueError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
         if self.guidance_scale is not None and self.guidance_scale < 1:
             raise ValueError(f"guidance_scale: must be >= 1 (or null for the default), got {self.guidance_scale}")
+        for name, value in self.reward_paths.items():
+            if not Path(value).expanduser().exists():
+                raise ValueError(f"reward_paths.{name}: file or directory not found: {value}")
         for name in ("backbone_path", "prompts_file", "eval_prompts_file"):
             value = getattr(self, name)
             if value is not None and not Path(value).exists():
@@ -138,6 +144,11 @@ def validate_against_components(config: TrainConfig) -> None:
         parse_reward_spec(config.reward)
     except ValueError as exc:
         raise ValueError(f"reward: {exc}") from exc
+    if config.reward_paths:
+        try:
+            parse_reward_spec(dict.fromkeys(config.reward_paths, 1.0))
+        except ValueError as exc:
+            raise ValueError(f"reward_paths: {exc}") from exc
     if config.eval_metrics is not None:
         from flowbp.evaluate import parse_metrics
 

@@ -108,7 +108,7 @@ def setup(config: TrainConfig, run_dir: Path | None = None, resume: bool = False
         backbone = load_backbone(config.backbone, **kwargs)
     except FileNotFoundError as exc:
         raise ValueError(f"backbone_path: {exc}") from exc
-    reward = load_reward(config.reward).to(accelerator.device)
+    reward = load_reward(config.reward, paths=config.reward_paths).to(accelerator.device)
     reward.requires_grad_(False)
     prompts = _read_prompts(config, backbone)
     backbone.encode_prompts(prompts[:1] + prompts[-1:])  # fail early on prompts the backbone cannot encode
