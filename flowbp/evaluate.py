@@ -185,18 +185,11 @@ def load_metric(spec: str, reward_paths: Mapping[str, str] | None = None, device
 
     ``reward_paths`` maps reward names to weight locations (``path=`` of their constructors).
     """
-    from flowbp.rewards import REWARDS, combine, load_reward, parse_reward_spec
+    from flowbp.rewards import load_reward
 
     if spec in EVAL_METRICS:
         return EVAL_METRICS[spec]
-    paths = dict(reward_paths or {})
-    weights = parse_reward_spec(spec)
-    if not any(name in paths for name in weights):
-        reward = load_reward(spec)
-    else:
-        parts = {n: REWARDS[n](**({"path": paths[n]} if n in paths else {})) for n in weights}
-        only = next(iter(weights))
-        reward = parts[only] if len(weights) == 1 and weights[only] == 1.0 else combine(parts, weights)
+    reward = load_reward(spec, paths=dict(reward_paths or {}))
     return reward.to(device).eval().requires_grad_(False)
 
 
@@ -618,7 +611,7 @@ def periodic_eval(run) -> dict[str, dict[str, float]]:
         if spec == c.reward:  # the training reward is already loaded: no second copy of a large model
             scorers[spec] = run.reward
         else:
-            paths = getattr(c, "reward_paths", None)
+            paths = c.reward_paths
             key = (spec, json.dumps(paths, sort_keys=True), str(device))
             if key not in _SCORERS:  # large reward models load once per process, not once per evaluation
                 _SCORERS[key] = load_metric(spec, paths, device)
