@@ -17,6 +17,8 @@ COMMANDS = (
     "flowbp.commands.train",
     "flowbp.commands.sample",
     "flowbp.commands.bench",
+    "flowbp.commands.eval",
+    "flowbp.commands.convert_reward",
     "flowbp.commands.accelerate_config",
 )
 

@@ -52,7 +52,7 @@ from flowbp.checkpoint import (
 )
 from flowbp.config import TrainConfig, load_config, save_config, validate_against_components
 from flowbp.engine import surrogate
-from flowbp.evaluate import EvalResult, evaluate
+from flowbp.evaluate import EvalResult, evaluate, periodic_eval
 from flowbp.images import image_grid, plot_curves, save_grid
 from flowbp.losses import reward_loss
 from flowbp.methods import make_plan
@@ -101,6 +101,14 @@ class Run:
     @property
     def is_main(self) -> bool:
         return bool(self.accelerator.is_main_process)
+
+    @property
+    def writer(self) -> Any:
+        """The TensorBoard SummaryWriter of the accelerate tracker (main process, tensorboard on), else None."""
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                return tracker.writer
+        return None
 
 
 def default_run_dir(config: TrainConfig) -> Path:
@@ -160,7 +168,7 @@ def build_backbone(config: TrainConfig, device: torch.device) -> Any:
 def build_reward(config: TrainConfig, device: torch.device) -> torch.nn.Module:
     from flowbp.rewards import load_reward
 
-    reward = load_reward(config.reward).to(device)
+    reward = load_reward(config.reward, paths=config.reward_paths).to(device)
     reward.requires_grad_(False)
     return reward
 
@@ -814,6 +822,8 @@ def _loop(run: Run, start_time: float, stop_after: int | None, tqdm: Any) -> dic
     try:
         while run.step < c.steps:
             record = train_step(run)
+            if c.eval_every and run.step % c.eval_every == 0:
+                record["eval"] = periodic_eval(run)  # the held-out evaluation of `flowbp eval`, into history.json
             _log(run, record)
             _test_signal_hook(run)
             bar.update(1)
