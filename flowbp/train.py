@@ -138,14 +138,47 @@ def make_accelerator(config: TrainConfig, run_dir: Path) -> Any:
     cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: 'cuda' requested but no CUDA device is available")
-    trackers = config.trackers()
-    return Accelerator(
+    from accelerate.tracking import TensorBoardTracker
+
+    # TensorBoard logs straight into run_dir/tensorboard (accelerate's own would add a project subfolder)
+    trackers = [
+        TensorBoardTracker("", str(run_dir / "tensorboard")) if name == "tensorboard" else name
+        for name in config.trackers()
+    ]
+    accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
     )
+    _test_fsdp2_on_cpu(accelerator)
+    return accelerator
+
+
+def _test_fsdp2_on_cpu(accelerator: Any) -> None:
+    """Test hook: ``FLOWBP_TEST_FSDP2_ON_CPU=BlockClass`` runs accelerate's FSDP2 path on CPU processes.
+
+    accelerate (1.15) only enables FSDP for GPU-family distributed types and silently prepares DDP on
+    CPU, although torch's ``fully_shard`` runs on CPU/gloo. The hook switches a ``MULTI_CPU`` state to
+    FSDP with the shipped fsdp2 preset's settings, so that the FSDP2 code path (sharded DTensor
+    parameters, gathered checkpoints, re-sharding on resume, full state dict) runs in tests here.
+    """
+    import os
+
+    wrap = os.environ.get("FLOWBP_TEST_FSDP2_ON_CPU")
+    if not wrap or accelerator.distributed_type.value != "MULTI_CPU":
+        return
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin(
+        fsdp_version=2,
+        reshard_after_forward=True,
+        auto_wrap_policy="transformer_based_wrap",
+        transformer_cls_names_to_wrap=[wrap],
+        state_dict_type="FULL_STATE_DICT",
+    )
+    accelerator.state.distributed_type = DistributedType.FSDP
 
 
 def build_backbone(config: TrainConfig, device: torch.device) -> Any:
@@ -545,7 +578,7 @@ def train_step(run: Run) -> dict[str, Any]:
     sample_weight = float(acc.gather(torch.cat(weights)).mean())
     params = list(run.parameters.values())
     if c.max_grad_norm > 0:
-        grad_norm = float(acc.clip_grad_norm_(params, c.max_grad_norm))
+        grad_norm = float(_full(acc.clip_grad_norm_(params, c.max_grad_norm)))
     else:
         grad_norm = float(torch.norm(torch.stack([_full(p.grad).norm() for p in params if p.grad is not None])))
     lr = float(run.optimizer.param_groups[0]["lr"])  # the rate this step uses
@@ -678,9 +711,10 @@ def _save_weights(run: Run) -> None:
         else:
             from safetensors.torch import save_file
 
-            state = acc.get_state_dict(run.prepared)  # gathers FSDP2 shards on every rank
+            # whole tensors: FSDP2 shards are gathered by every rank (full_tensor is a collective)
+            state = {k: _full(v).clone().contiguous() for k, v in run.model.state_dict().items()}
             if run.is_main:
-                tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+                tensors = state
                 tmp = run.run_dir / ".transformer.safetensors.tmp"
                 save_file(tensors, str(tmp))
                 tmp.replace(run.run_dir / "transformer.safetensors")
@@ -791,10 +825,10 @@ def train(
     c = run.config
     if c.trackers():
         flat = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in c.to_dict().items()}
-        run.accelerator.init_trackers(
-            "flowbp", config=flat if ckpt is None else None,
-            init_kwargs={"tensorboard": {"purge_step": run.step or None}},
-        )
+        for tracker in run.accelerator.log_with:
+            if getattr(tracker, "name", None) == "tensorboard":  # a resumed run rewrites its steps after the checkpoint
+                tracker.init_kwargs["purge_step"] = run.step or None
+        run.accelerator.init_trackers("flowbp", config=flat if ckpt is None else None)
     try:
         with _stop_on_signals(run):
             return _loop(run, start_time, stop_after, tqdm)
