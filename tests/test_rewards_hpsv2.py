@@ -248,3 +248,43 @@ def test_byte_vocab_is_what_bpe_file_builds(tmp_path):
     assert vocab["ho</w>"] == 512 and vocab["th"] == 513
     assert vocab["<|startoftext|>"] == 514 and vocab["<|endoftext|>"] == 515
     assert all(vocab[t] == i for t, i in base.items() if i < 512)
+
+
+def test_vit_h14_shapes_convert_to_the_hps_architecture():
+    """At full size (meta tensors, no memory): ViT-H-14's open_clip shapes give HPS v2.1's transformers config."""
+    meta = torch.device("meta")
+
+    def blocks(prefix, n, w, mlp):
+        sd = {}
+        for i in range(n):
+            p = f"{prefix}.resblocks.{i}"
+            for ln in ("ln_1", "ln_2"):
+                sd |= {f"{p}.{ln}.weight": torch.empty(w, device=meta), f"{p}.{ln}.bias": torch.empty(w, device=meta)}
+            sd |= {f"{p}.attn.in_proj_weight": torch.empty(3 * w, w, device=meta),
+                   f"{p}.attn.in_proj_bias": torch.empty(3 * w, device=meta),
+                   f"{p}.attn.out_proj.weight": torch.empty(w, w, device=meta),
+                   f"{p}.attn.out_proj.bias": torch.empty(w, device=meta),
+                   f"{p}.mlp.c_fc.weight": torch.empty(mlp, w, device=meta),
+                   f"{p}.mlp.c_fc.bias": torch.empty(mlp, device=meta),
+                   f"{p}.mlp.c_proj.weight": torch.empty(w, mlp, device=meta),
+                   f"{p}.mlp.c_proj.bias": torch.empty(w, device=meta)}
+        return sd
+
+    e = lambda *s: torch.empty(*s, device=meta, dtype=torch.float16)  # noqa: E731
+    sd = {"visual.conv1.weight": e(1280, 3, 14, 14), "visual.class_embedding": e(1280),
+          "visual.positional_embedding": e(257, 1280), "visual.proj": e(1280, 1024),
+          "token_embedding.weight": e(49408, 1024), "positional_embedding": e(77, 1024),
+          "text_projection": e(1024, 1024), "logit_scale": e(())}
+    for p, w in (("visual.ln_pre", 1280), ("visual.ln_post", 1280), ("ln_final", 1024)):
+        sd |= {f"{p}.weight": e(w), f"{p}.bias": e(w)}
+    sd |= blocks("visual.transformer", 32, 1280, 5120) | blocks("transformer", 24, 1024, 4096)
+    config = openclip_clip_config(sd)  # defaults: ViT-H-14's heads and exact GELU
+    model = build_clip_model(sd, config)
+    v, t = model.config.vision_config, model.config.text_config
+    assert (v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.num_attention_heads) == (1280, 5120, 32, 16)
+    assert (v.image_size, v.patch_size, v.hidden_act, v.layer_norm_eps) == (224, 14, "gelu", 1e-5)
+    assert (t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads) == (1024, 4096, 24, 16)
+    assert (t.vocab_size, t.max_position_embeddings, t.eos_token_id) == (49408, 77, 49407)
+    assert model.config.projection_dim == 1024
+    # open_clip ViT-H-14's parameter count; HPS_v2.1_compressed.pt is 1,972,490,005 B ≈ 2 B per parameter
+    assert sum(p.numel() for p in model.parameters()) == 986_109_441
