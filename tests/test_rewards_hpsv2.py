@@ -15,6 +15,8 @@ from flowbp.cli import main as cli_main
 from flowbp.rewards import load_reward
 from flowbp.rewards.convert import build_clip_model, openclip_clip_config
 from flowbp.rewards.preprocess import HPS_PAD, OPENAI_MEAN, OPENAI_STD
+from flowbp.rewards.tokenizers import clip_tokenizer as clip_tokenizer_from
+from flowbp.rewards.tokenizers import open_clip_clean
 from flowbp.rewards.weights import RewardWeightsError
 
 V_WIDTH, V_LAYERS, V_HEADS, V_MLP = 48, 2, 4, 96  # vision tower: head width 12 (open_clip's head_width)
@@ -248,6 +250,18 @@ def test_byte_vocab_is_what_bpe_file_builds(tmp_path):
     assert vocab["ho</w>"] == 512 and vocab["th"] == 513
     assert vocab["<|startoftext|>"] == 514 and vocab["<|endoftext|>"] == 515
     assert all(vocab[t] == i for t, i in base.items() if i < 512)
+    # the tokenizer built from that file applies the merges by rank: "tho" → t + "ho</w>" ("h o</w>" ranks first)
+    tok = clip_tokenizer_from(tmp_path, "hpsv2", None)
+    assert tok("tho")["input_ids"] == [514, vocab["t"], vocab["ho</w>"], 515]
+    assert tok("th")["input_ids"] == [514, vocab["t"], vocab["h</w>"], 515]  # "t h" merges "t"+"h", not "h</w>"
+    assert tok.model_max_length == 77
+
+
+def test_open_clip_text_cleaning():
+    # ftfy's quote uncurling, ligatures and full width, html.unescape twice, whitespace: written by hand
+    assert open_clip_clean("  “Quotes” ‘and’ it\u02bcs\t &amp;amp; ﬁne ＡＢＣ\u3000x \n") == \
+        '"Quotes" \'and\' it\'s & fine ABC x'
+    assert open_clip_clean("e\u0301cole") == "\u00e9cole"  # NFC
 
 
 def test_vit_h14_shapes_convert_to_the_hps_architecture():
