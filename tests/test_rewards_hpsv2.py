@@ -199,6 +199,11 @@ def test_hpsv2_reward_end_to_end_and_convert_command(tmp_path, capsys):
     assert (scores.detach() - ref).abs().max() <= 1e-5
     scores.sum().backward()
     assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+    # a checkpoint file given directly may have any name (the tokenizer is looked up beside it)
+    (folder / "HPS_v2.1_compressed.pt").rename(folder / "my_hps.pt")
+    with torch.no_grad():
+        assert torch.equal(load_reward("hpsv2", path=folder / "my_hps.pt")(images, PROMPTS), scores.detach())
+    (folder / "my_hps.pt").rename(folder / "HPS_v2.1_compressed.pt")
 
     out = tmp_path / "hps-converted"
     assert cli_main(["convert-reward", "hpsv2", "--src", str(folder / "HPS_v2.1_compressed.pt"),

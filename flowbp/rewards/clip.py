@@ -32,7 +32,9 @@ from flowbp.rewards.weights import HubSource, RewardWeightsError, first_file, hu
 WEIGHT_FILES = (
     "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
 )
-HPS_FILES = ("HPS_v2.1_compressed.pt", "HPS_v2_compressed.pt", "HPS_v2.1.pt", "open_clip_pytorch_model.bin")
+# Only v2.1 is looked up by name: HPS_v2_compressed.pt (and the HF Space's HPS_v2_1.pt, despite its name) are
+# v2.0, and open_clip_pytorch_model.bin is the un-tuned base CLIP. Another file can still be given as path=.
+HPS_FILES = ("HPS_v2.1_compressed.pt",)
 AESTHETIC_FILES = ("sac+logos+ava1-l14-linearMSE.pth", "aesthetic-model.pth", "aesthetic_mlp.safetensors")
 _HF_FILES = ("*.json", "*.txt", "*.safetensors")
 

@@ -16,6 +16,7 @@ BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 LAION_H14 = HubSource("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", ("tokenizer*", "vocab.json", "merges.txt",
                                                                 "special_tokens_map.json"))
 BERT_BASE = HubSource("google-bert/bert-base-uncased", ("vocab.txt", "tokenizer.json", "tokenizer_config.json"))
+BERT_BASE_LEGACY = HubSource("bert-base-uncased", BERT_BASE.files)  # caches made before the org rename
 
 
 _SINGLE_QUOTES = re.compile("[\u02bc\u2018-\u201b]")  # ftfy's uncurl_quotes sets
@@ -85,9 +86,11 @@ def bert_tokenizer(folder: Path | None, reward: str, allow_download: bool = Fals
     from transformers import BertTokenizer
 
     candidates = [folder] if folder is not None else []
-    cached = hub_snapshot(BERT_BASE, allow_download)
-    if cached is not None:
-        candidates.append(cached)
+    if folder is None or not ((folder / "vocab.txt").is_file() or (folder / "tokenizer.json").is_file()):
+        for source in (BERT_BASE, BERT_BASE_LEGACY):
+            cached = hub_snapshot(source, allow_download and source is BERT_BASE)
+            if cached is not None:
+                candidates.append(cached)
     for c in candidates:
         if c.is_dir() and ((c / "vocab.txt").is_file() or (c / "tokenizer.json").is_file()):
             tok = BertTokenizer.from_pretrained(str(c))
