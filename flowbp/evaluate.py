@@ -170,8 +170,10 @@ def parse_metrics(spec: str | Sequence[str]) -> list[str]:
         try:
             parse_reward_spec(item)
         except ValueError as exc:
+            # a plain unknown name needs only the list of names; a malformed sum also the parser's reason
+            reason = "" if str(exc).startswith("unknown reward") else f" ({exc})"
             raise ValueError(
-                f"--metrics: {item!r} is not a metric ({exc}); known metrics: {', '.join(available_metrics())}"
+                f"--metrics: {item!r} is not a metric{reason}; known metrics: {', '.join(available_metrics())}"
             ) from None
     if len(set(items)) != len(items):
         raise ValueError(f"--metrics: a metric is listed twice in {','.join(items)}")
