@@ -121,8 +121,6 @@ IMAGES_DIR = "images"
 MANIFEST_FILE = "manifest.jsonl"
 #: Image names in a folder without manifest: p<prompt index>_s<seed>.png (e.g. p0003_s1.png).
 IMAGE_NAME = re.compile(r"p(\d+)_s(-?\d+)\.(?:png|jpg|jpeg|webp)", re.IGNORECASE)
-#: Held-out HPDv2 test prompts, the default evaluation set of real backbones (shipped with the package).
-HPDV2_PROMPTS = Path(__file__).resolve().parent / "assets" / "prompts" / "hpdv2_test_400.txt"
 
 
 def image_name(prompt_index: int, seed: int) -> str:
@@ -172,8 +170,10 @@ def parse_metrics(spec: str | Sequence[str]) -> list[str]:
         try:
             parse_reward_spec(item)
         except ValueError as exc:
+            # a plain unknown name needs only the list of names; a malformed sum also the parser's reason
+            reason = "" if str(exc).startswith("unknown reward") else f" ({exc})"
             raise ValueError(
-                f"--metrics: {item!r} is not a metric ({exc}); known metrics: {', '.join(available_metrics())}"
+                f"--metrics: {item!r} is not a metric{reason}; known metrics: {', '.join(available_metrics())}"
             ) from None
     if len(set(items)) != len(items):
         raise ValueError(f"--metrics: a metric is listed twice in {','.join(items)}")
@@ -185,18 +185,11 @@ def load_metric(spec: str, reward_paths: Mapping[str, str] | None = None, device
 
     ``reward_paths`` maps reward names to weight locations (``path=`` of their constructors).
     """
-    from flowbp.rewards import REWARDS, combine, load_reward, parse_reward_spec
+    from flowbp.rewards import load_reward
 
     if spec in EVAL_METRICS:
         return EVAL_METRICS[spec]
-    paths = dict(reward_paths or {})
-    weights = parse_reward_spec(spec)
-    if not any(name in paths for name in weights):
-        reward = load_reward(spec)
-    else:
-        parts = {n: REWARDS[n](**({"path": paths[n]} if n in paths else {})) for n in weights}
-        only = next(iter(weights))
-        reward = parts[only] if len(weights) == 1 and weights[only] == 1.0 else combine(parts, weights)
+    reward = load_reward(spec, paths=dict(reward_paths or {}))
     return reward.to(device).eval().requires_grad_(False)
 
 
@@ -217,32 +210,35 @@ def read_prompts(path: str | Path, field_name: str = "--prompts") -> list[str]:
 
 @dataclass
 class ImageSet:
-    """Images to score: (prompt index, seed) per image, the images (uint8-exact floats) or their files."""
+    """Images to score: (prompt index, seed) per image, the images and, in folder mode, their files."""
 
     prompts: list[str]  # the prompt set (indexed by prompt_index)
     keys: list[tuple[int, int]]  # (prompt_index, seed) per image
-    images: list[torch.Tensor] = field(default_factory=list)  # 3×H×W in [0, 1], multiples of 1/255
+    # 3×H×W uint8 on the CPU: what a PNG holds, and a quarter of the memory of floats (400 images at 1024²)
+    images: list[torch.Tensor] = field(default_factory=list)
     sources: list[Path | None] = field(default_factory=list)  # the file each image came from (folder mode)
 
     def image_prompts(self) -> list[str]:
         return [self.prompts[i] for i, _ in self.keys]
 
 
-def quantize(images: torch.Tensor) -> torch.Tensor:
-    """[0, 1] floats -> the floats a PNG round trip gives back (k/255)."""
-    return (images.detach().float().clamp(0, 1) * 255).round() / 255
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] floats (any leading shape) -> uint8 k = round(255·x) on the CPU, as a PNG stores them."""
+    return (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).cpu()
 
 
-def to_uint8(image: torch.Tensor) -> np.ndarray:
-    return (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 -> the [0, 1] floats a metric receives (k/255)."""
+    return images.float() / 255
 
 
 def load_image(path: Path) -> torch.Tensor:
+    """An image file as a 3×H×W uint8 tensor (RGB)."""
     from PIL import Image
 
     with Image.open(path) as im:
         array = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float() / 255
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
 
 def plan_keys(num_prompts: int, images_per_prompt: int, seed: int) -> list[tuple[int, int]]:
@@ -260,7 +256,7 @@ def generate(
     batch_size: int = 16,
     progress: bool = False,
 ) -> list[torch.Tensor]:
-    """Sample one image per (prompt index, seed), each from its own seeded noise; quantised, on the CPU."""
+    """Sample one image per (prompt index, seed), each from its own seeded noise; uint8, on the CPU."""
     from tqdm.auto import tqdm
 
     sigmas = backbone.sigmas(num_steps)
@@ -271,7 +267,7 @@ def generate(
         batch_prompts = [prompts[i] for i, _ in chunk]
         noise = torch.cat([backbone.initial_noise(1, torch.Generator().manual_seed(s)) for _, s in chunk])
         traj = rollout(backbone.velocity_fn(backbone.encode_prompts(batch_prompts), guidance_scale), noise, sigmas)
-        out.extend(quantize(backbone.decode(traj.sample)).cpu().unbind(0))
+        out.extend(to_uint8(backbone.decode(traj.sample)).unbind(0))
         bar.update(len(chunk))
     bar.close()
     return out
@@ -286,7 +282,7 @@ def score(
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> dict[str, list[float]]:
-    """Every metric on every image (batches of images of one size), as Python floats in image order."""
+    """Every metric on every uint8 image (as k/255; batches of one size), as Python floats in image order."""
     from tqdm.auto import tqdm
 
     batches: list[list[int]] = []
@@ -301,7 +297,7 @@ def score(
     )
     for name, fn in metrics.items():
         for idx in batches:
-            x = torch.stack([images[k] for k in idx]).to(device)
+            x = to_float(torch.stack([images[k] for k in idx]).to(device))
             s = fn(x, [prompts[k] for k in idx]).detach().double().cpu().reshape(-1)
             if s.numel() != len(idx):
                 raise ValueError(f"metric {name!r} returned {s.numel()} scores for {len(idx)} images")
@@ -544,7 +540,7 @@ def write_run(
         from PIL import Image
 
         for rec, img in zip(records, image_set.images, strict=True):
-            Image.fromarray(to_uint8(img)).save(tmp / rec["image"])
+            Image.fromarray(img.permute(1, 2, 0).numpy()).save(tmp / rec["image"])
         (tmp / SCORES_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         if comparison is not None:
@@ -574,13 +570,6 @@ def write_run(
 DEFAULT_EVAL_METRICS: dict[str, tuple[str, ...]] = {"digits": ("heldout-correct", "heldout-logprob")}
 
 
-def default_eval_prompts(backbone) -> list[str]:
-    """The digits prompts for the testbed; the 400 HPDv2 test prompts (shipped) for real backbones."""
-    if backbone.name != "digits" and HPDV2_PROMPTS.is_file():
-        return read_prompts(HPDV2_PROMPTS, "eval_prompts_file")
-    return list(backbone.default_prompts())
-
-
 def eval_metric_specs(config, backbone_name: str) -> list[str]:
     """``eval_metrics`` of the config, or the training reward plus the backbone's held-out metrics."""
     if config.eval_metrics:
@@ -589,7 +578,7 @@ def eval_metric_specs(config, backbone_name: str) -> list[str]:
     return [reward, *DEFAULT_EVAL_METRICS.get(backbone_name, ())]
 
 
-_SCORERS: dict[str, Callable] = {}
+_SCORERS: dict[tuple[str, str, str], Callable] = {}  # (spec, reward paths, device) -> loaded scorer
 
 
 def periodic_eval(run) -> dict[str, dict[str, float]]:
@@ -605,9 +594,11 @@ def periodic_eval(run) -> dict[str, dict[str, float]]:
     from flowbp.train import ema_weights
 
     c, backbone = run.config, run.backbone
-    prompts = read_prompts(c.eval_prompts_file, "eval_prompts_file") if c.eval_prompts_file else default_eval_prompts(
-        backbone
-    )
+    # the run's evaluation set (the backbone's: digits prompts; the 400 HPDv2 test prompts for real backbones)
+    # unless eval_prompts_file names another; eval_max_prompts, where the config has it, keeps the first N
+    prompts = read_prompts(c.eval_prompts_file, "eval_prompts_file") if c.eval_prompts_file else run.eval_prompts
+    prompts = list(prompts)[: getattr(c, "eval_max_prompts", None)]
+    batch_size = getattr(c, "eval_batch_size", c.batch_size)
     specs = eval_metric_specs(c, backbone.name)
     device = run.accelerator.device
     scorers = {}
@@ -615,14 +606,16 @@ def periodic_eval(run) -> dict[str, dict[str, float]]:
         if spec == c.reward:  # the training reward is already loaded: no second copy of a large model
             scorers[spec] = run.reward
         else:
-            if spec not in _SCORERS:
-                _SCORERS[spec] = load_metric(spec, getattr(c, "reward_paths", None), device)
-            scorers[spec] = _SCORERS[spec]
+            paths = c.reward_paths
+            key = (spec, json.dumps(paths, sort_keys=True), str(device))
+            if key not in _SCORERS:  # large reward models load once per process, not once per evaluation
+                _SCORERS[key] = load_metric(spec, paths, device)
+            scorers[spec] = _SCORERS[key]
     keys = plan_keys(len(prompts), c.eval_samples_per_prompt, c.eval_seed)
     image_set = ImageSet(list(prompts), keys)
     with ema_weights(run):
-        image_set.images = generate(backbone, prompts, keys, c.num_inference_steps, c.guidance_scale, c.batch_size)
-    scores = score(image_set.images, image_set.image_prompts(), scorers, c.batch_size, device)
+        image_set.images = generate(backbone, prompts, keys, c.num_inference_steps, c.guidance_scale, batch_size)
+    scores = score(image_set.images, image_set.image_prompts(), scorers, batch_size, device)
     records = records_of(image_set, scores)
     summary = summarize(records, specs)
     if run.accelerator.is_main_process:

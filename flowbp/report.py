@@ -74,7 +74,7 @@ img.thumb { width: 128px; height: auto; image-rendering: pixelated; display: blo
 """
 
 # Click a header to sort by that column (numbers by value); click again to reverse.
-_SCRIPT = """
+_SCRIPT = r"""
 document.querySelectorAll('#scores th').forEach(function (th, col) {
   th.addEventListener('click', function () {
     var body = document.querySelector('#scores tbody');
@@ -89,7 +89,21 @@ document.querySelectorAll('#scores th').forEach(function (th, col) {
       return asc ? d : -d;
     });
     rows.forEach(function (r) { body.appendChild(r); });
+    history.replaceState(null, '', '#sort=' + col + (asc ? '' : '-desc'));
   });
+});
+// A link to a sorted view: report.html#sort=4 (column 4 ascending) or #sort=4-desc.
+var wanted = /^#sort=(\d+)(-desc)?$/.exec(location.hash);
+if (wanted) {
+  var th = document.querySelectorAll('#scores th')[parseInt(wanted[1], 10)];
+  if (th) { th.click(); if (wanted[2]) { th.click(); } }
+}
+// How many images the browser could show (read by the headless-browser test and visible in the page).
+window.addEventListener('load', function () {
+  var imgs = document.querySelectorAll('#scores img');
+  var ok = Array.prototype.filter.call(imgs, function (i) { return i.complete && i.naturalWidth > 0; }).length;
+  document.body.dataset.imagesLoaded = ok;
+  document.getElementById('loaded').textContent = ok + ' of ' + imgs.length + ' images loaded.';
 });
 """
 
@@ -159,7 +173,7 @@ def write_report(
     if comparison is not None:
         parts += _comparison_table(comparison)
     parts += [
-        f"<h2>Images ({len(records)})</h2><p>Click a column header to sort.</p>",
+        f'<h2>Images ({len(records)})</h2><p>Click a column header to sort. <span id="loaded"></span></p>',
         '<table id="scores"><thead><tr><th class="text" data-type="text">image</th>'
         '<th data-type="num">prompt index</th><th class="text" data-type="text">prompt</th>'
         '<th data-type="num">seed</th>',

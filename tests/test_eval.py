@@ -76,7 +76,7 @@ def test_eval_writes_scores_equal_to_the_rewards_called_directly(runs) -> None:
     assert [(r["prompt_index"], r["seed"], r["prompt"]) for r in records] == [
         (i, s, PROMPTS[i]) for i in range(4) for s in (0, 1)
     ]
-    images = torch.stack([load_image(base / r["image"]) for r in records])
+    images = torch.stack([load_image(base / r["image"]) for r in records]).float() / 255
     assert images.shape == (8, 3, 16, 16)
     prompts = [r["prompt"] for r in records]
     for spec in REWARDS:
@@ -263,6 +263,8 @@ def _bad_cases(runs: dict[str, Path], tmp: Path) -> list[tuple[list[str], str]]:
          "cat.png is not named p<prompt index>_s<seed>.png"),
         ([*model, "--metrics", "digit-ink", "--baseline", str(other)], "--baseline: the runs have different"),
         ([*model, "--metrics", "digit-ink", "--out", str(runs["base"])], "exists (pass --overwrite"),
+        ([*model, "--images-per-prompt", "2", "--metrics", "heldout-logprob", "--baseline", str(runs["base"])],
+         "shares no metric with --metrics"),
         (["--compare", str(runs["base"]), str(other)], "--compare: the runs have different prompts/seeds"),
         (["--compare", str(runs["base"]), str(tmp / "missing")], "--compare: not a directory"),
     ]
@@ -280,3 +282,53 @@ def test_bad_input_is_one_clear_line_and_writes_nothing(runs, tmp_path: Path, ca
         assert message in err and len(err.splitlines()) == 1, (args, err)
         assert sorted(p.name for p in tmp_path.iterdir()) == before, args  # nothing written, no temp dir left
     assert sorted(p.name for p in runs["root"].iterdir()) == ["base", "prompts.txt", "short"]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="headless Chromium not installed (optional check)")
+@pytest.mark.parametrize("run", ["base", "short"])
+def test_report_in_headless_chromium_loads_every_image_and_sorts(runs, run: str) -> None:
+    import re
+    import subprocess
+
+    run_dir = runs[run]
+    url = (run_dir / "report.html").resolve().as_uri() + "#sort=5-desc"  # column 5: digit-contrast, descending
+    dom = subprocess.run(
+        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=3000", "--dump-dom", url],
+        capture_output=True, text=True, timeout=60, check=True,
+    ).stdout
+    assert 'data-images-loaded="8"' in dom  # the browser decoded all 8 images (relative files or data URIs)
+    row = r'class="score-row" data-prompt-index="(\d+)" data-seed="(\d+)"'
+    shown = [(int(i), int(s)) for i, s in re.findall(row, dom)]
+    ranked = sorted(_records(run_dir), key=lambda r: -r["scores"]["digit-contrast"])
+    assert shown == [(r["prompt_index"], r["seed"]) for r in ranked]
+
+
+def test_real_rewards_score_a_folder_of_mixed_sizes(tmp_path: Path) -> None:
+    """pickscore / clipscore (tiny random CLIP, weights given with --reward-path) on photo-like images."""
+    from rewards_tiny import clip_folder, smooth_images
+
+    clip_dir = clip_folder(tmp_path / "clip")
+    prompts = ["a red car", "a bowl of fruit", "a lighthouse at dusk"]
+    (tmp_path / "p.txt").write_text("\n".join(prompts) + "\n")
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    sizes = {0: (64, 48), 1: (48, 64), 2: (64, 64)}  # non-square, portrait and square: scored in size batches
+    for i, (h, w) in sizes.items():
+        for s in (0, 1):
+            img = (smooth_images(1, h, w, seed=10 * i + s)[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+            Image.fromarray(img).save(folder / f"p{i:04d}_s{s}.png")
+    out = tmp_path / "run"
+    assert _eval("--images", str(folder), "--prompts", str(tmp_path / "p.txt"), "--metrics",
+                 "pickscore,clipscore,pickscore-0.5*clipscore", "--reward-path", f"pickscore={clip_dir}",
+                 "--reward-path", f"clipscore={clip_dir}", "--out", str(out), "--no-progress") == 0
+    records = _records(out)
+    paths = {"pickscore": clip_dir, "clipscore": clip_dir}
+    for spec in ("pickscore", "clipscore", "pickscore-0.5*clipscore"):
+        reward = load_reward(spec, paths=paths)
+        for i in sizes:  # the two images of a prompt share a size: one batch, as eval forms them
+            mine = [r for r in records if r["prompt_index"] == i]
+            x = torch.stack([load_image(out / r["image"]) for r in mine]).float() / 255
+            direct = reward(x, [r["prompt"] for r in mine]).double()
+            torch.testing.assert_close(torch.tensor([r["scores"][spec] for r in mine], dtype=torch.float64), direct)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["metrics"]["pickscore"]["n_prompts"] == 3 and summary["n_images"] == 6

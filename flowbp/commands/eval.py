@@ -131,6 +131,11 @@ def run(args: argparse.Namespace) -> int:
         reason = ev.pairing_error(planned, baseline)
         if reason:
             raise ValueError(f"--baseline: {reason}")
+        if not set(metrics) & set(baseline[0]["scores"]):
+            raise ValueError(
+                f"--baseline: {args.baseline} shares no metric with --metrics "
+                f"(it has {', '.join(baseline[0]['scores'])})"
+            )
     scorers = {m: ev.load_metric(m, paths, device) for m in metrics}
 
     if args.images is None:
