@@ -49,7 +49,7 @@ def trainer_bridge(n: int, k_total: int, bias: float, gen: torch.Generator) -> t
     j = n - int(pair.min())  # the later node in forward time
     pre_len, post_len = j, n - j
     total = min(k_total, pre_len + post_len)
-    pre = min(max(int(round(total * pre_len / float(pre_len + post_len))), 1), pre_len)
+    pre = min(max(round(total * pre_len / float(pre_len + post_len)), 1), pre_len)
     post = total - pre
     if post < 1:
         post, pre = 1, total - 1
@@ -65,7 +65,7 @@ def trainer_bridge(n: int, k_total: int, bias: float, gen: torch.Generator) -> t
 
 def trainer_drtune(n: int, k: int, ratio: float, gen: torch.Generator) -> tuple[int, list[int]]:
     """DRTune's ``_sample_drtune_early_stop_idx`` + ``_sample_equally_spaced_train_indices``."""
-    m = n - int(torch.randint(1, int(round(n * ratio)) + 1, (1,), generator=gen))
+    m = n - int(torch.randint(1, round(n * ratio) + 1, (1,), generator=gen))
     total = m + 1
     stride = max(1, total // k)
     max_start = total - 1 - (k - 1) * stride

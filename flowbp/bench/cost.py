@@ -7,7 +7,7 @@ import statistics
 from typing import Any
 
 from flowbp.bench.context import Bench, method_configs, seed_of
-from flowbp.bench.report import fmt, table
+from flowbp.bench.report import fmt, md_table
 
 
 def run_cost(bench: Bench) -> dict[str, Any]:
@@ -87,7 +87,7 @@ def write_cost(bench: Bench, data: dict[str, Any]) -> None:
                 ]
             )
         parts += ["", f"## N = {n}", "",
-                  table(["method", "grad fwd", "depth", "saved MiB (surrogate)", "saved MiB (step)",
+                  md_table(["method", "grad fwd", "depth", "saved MiB (surrogate)", "saved MiB (step)",
                           "time ratio (median)", "time ratio (mean ± CI)"], rows)]
     bench.write("cost", data, "\n".join(parts))
 
@@ -128,7 +128,7 @@ def write_headline(bench: Bench, fid: dict[str, Any] | None, cost: dict[str, Any
             "the surrogate († gradient checkpointing: inputs only); time = training step / no-grad rollout; w = mean "
             "sample weight (similarity weights scale ‖ĝ‖ by about w).",
             "",
-            table(["method", "grad fwd", "depth", "cos", "cos(mean)", "‖ĝ‖/‖g‖", "w", "saved MiB", "time ×rollout"],
+            md_table(["method", "grad fwd", "depth", "cos", "cos(mean)", "‖ĝ‖/‖g‖", "w", "saved MiB", "time ×rollout"],
                    rows),
         ]
     )

@@ -6,7 +6,7 @@ import math
 from typing import Any
 
 from flowbp.bench.context import DEVIATION_METHODS, Bench, seed_of
-from flowbp.bench.report import fmt, pyplot, table
+from flowbp.bench.report import fmt, md_table, pyplot
 
 
 def run_deviation(bench: Bench) -> dict[str, Any]:
@@ -94,12 +94,12 @@ def write_deviation(bench: Bench, data: dict[str, Any]) -> None:
             "connector k → j; d_0: j → N (the clean endpoint, reverse index 0). Drawn plans at the methods' "
             "defaults (mean ± 95% CI over plans × trajectories):",
             "",
-            table(["method", "j − k", "d_j", "N − j", "d_0", "sample weight"], rows),
+            md_table(["method", "j − k", "d_j", "N − j", "d_0", "sample weight"], rows),
             "",
             f"Controlled sweep: one connector of length L ending at N (d_0) or at j = {data['j_fixed']} (d_j), mean "
             "over trajectories:",
             "",
-            table(["L", "leap d_j", "leap d_0", "lagrange(3) d_j", "lagrange(3) d_0"], sweep_rows),
+            md_table(["L", "leap d_j", "leap d_0", "lagrange(3) d_j", "lagrange(3) d_0"], sweep_rows),
         ]
     )
     bench.write("deviation", data, text)

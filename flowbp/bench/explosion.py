@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from flowbp.bench.context import Bench
-from flowbp.bench.report import fmt, pyplot, table
+from flowbp.bench.report import fmt, md_table, pyplot
 
 
 def write_explosion(bench: Bench, data: dict[str, Any]) -> None:
@@ -46,11 +46,11 @@ def write_explosion(bench: Bench, data: dict[str, Any]) -> None:
             f"{max(p['sum_rel_error_max'] for p in per_step):.1e}). Share = ‖g_i‖ / Σ_k ‖g_k‖ summed over the "
             "first / last 20% of steps (step 0 = pure noise).",
             "",
-            table(header, rows),
+            md_table(header, rows),
             "",
             "## Gradient norm ‖ĝ‖ by N (paper defaults; mean ± 95% CI over batches)",
             "",
-            table(["method", *[f"N = {n}" for n in s.num_steps]], [exact_cells, *norm_rows]),
+            md_table(["method", *[f"N = {n}" for n in s.num_steps]], [exact_cells, *norm_rows]),
         ]
     )
     bench.write("explosion", {"per_step": per_step, "settings": data["settings"]}, text)

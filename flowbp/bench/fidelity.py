@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from flowbp.bench.context import Bench, is_deterministic, method_configs, seed_of
-from flowbp.bench.report import fmt, pyplot
+from flowbp.bench.report import fmt, md_table, pyplot
 
 
 def run_gradients(bench: Bench) -> dict[str, Any]:
@@ -133,7 +133,7 @@ def write_fidelity(bench: Bench, data: dict[str, Any]) -> None:
             "",
             f"## N = {n}",
             "",
-            table(["method (bold: paper default)", "grad fwd", "depth", "cos", "cos(mean)", "ratio", "w"], table),
+            md_table(["method (bold: paper default)", "grad fwd", "depth", "cos", "cos(mean)", "ratio", "w"], table),
         ]
     bench.write("fidelity", {k: v for k, v in data.items() if k != "per_step"}, "\n".join(parts))
     plot_fidelity(bench, data)

@@ -20,7 +20,7 @@ def half(ci: dict[str, float]) -> float | None:
     return half if math.isfinite(half) else None
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
+def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: str | None = None) -> str:
     align = align or "l" + "r" * (len(header) - 1)
     sep = ["---:" if a == "r" else "---" for a in align]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(sep) + "|"]

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from flowbp.bench.context import Bench, method_configs
-from flowbp.bench.report import fmt, half, pyplot, smooth, table
+from flowbp.bench.report import fmt, half, md_table, pyplot, smooth
 
 
 def run_training(bench: Bench) -> dict[str, Any]:
@@ -105,7 +105,7 @@ def write_training(bench: Bench, data: dict[str, Any]) -> None:
             f"Fréchet distance {first['before']['frechet_distance']:.2f}, diversity "
             f"{first['before']['diversity']:.3f}.",
             "",
-            table(["method", "train reward (end)", "eval reward", "Δ eval reward", "held-out acc", "FD ↓",
+            md_table(["method", "train reward (end)", "eval reward", "Δ eval reward", "held-out acc", "FD ↓",
                     "diversity", "s/step"], rows),
         ]
     )
