@@ -22,9 +22,10 @@ def run_training(bench: Bench) -> dict[str, Any]:
     s = bench.settings
     methods = list(s.train_methods) if s.train_methods else [c.method for c in method_configs(sweeps=False)]
     seeds = list(range(bench.args.seeds))
-    runs: dict[str, list[dict[str, Any]]] = {}
-    for method in methods:
-        for seed in seeds:
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    # Seed-major: an interrupted bench still has every method on its first seeds (each run dir is complete).
+    for seed in seeds:
+        for method in methods:
             run_dir = bench.out / "training" / method / f"seed{seed}"
             if run_dir.exists():
                 shutil.rmtree(run_dir)  # one command regenerates everything: never mix with an old run
@@ -49,19 +50,21 @@ def run_training(bench: Bench) -> dict[str, Any]:
             t = time.perf_counter()
             summary = train(load_config(None, overrides))
             history = json.loads((run_dir / "history.json").read_text())
-            runs.setdefault(method, []).append({"seed": seed, "summary": summary, "history": history})
+            runs[method].append({"seed": seed, "summary": summary, "history": history})
             after = summary["after"]
             bench.log(
                 f"training {method} seed {seed}: eval reward {summary['before']['reward']:.3f} -> "
                 f"{after['reward']:.3f}, held-out acc {after.get('heldout_accuracy', float('nan')):.3f} "
                 f"({time.perf_counter() - t:.1f}s)"
             )
-    return {
+    data = {
         "settings": dataclasses.asdict(s),
         "seeds": seeds,
         "reward": bench.args.train_reward or bench.default_reward,
         "runs": runs,
     }
+    bench.write("training-runs", data)  # the raw per-seed results: tables can be re-derived from them alone
+    return data
 
 
 def write_training(bench: Bench, data: dict[str, Any]) -> None:
