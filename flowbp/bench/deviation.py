@@ -59,18 +59,29 @@ def run_deviation(bench: Bench) -> dict[str, Any]:
                     )
                     per_batch.append(float(connector_deviations(plan, traj)[end].mean()))
                 sweep[rule][which].append({"length": length, **summarize(per_batch)})
-    summary = {}
-    for method, recs in drawn.items():
-        summary[method] = {
-            key: summarize(r[key] for r in recs) for key in ("d_j", "d_0", "leap_kj", "leap_jN", "sample_weight")
-        }
     bench.log(f"deviation: {len(trajs)} trajectories, {s.deviation_draws} plans each per method")
-    return {"num_steps": n, "j_fixed": j_fixed, "drawn": drawn, "summary": summary, "sweep": sweep}
+    return {"num_steps": n, "j_fixed": j_fixed, "drawn": drawn, "summary": deviation_summary(drawn), "sweep": sweep}
+
+
+def deviation_summary(drawn: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, dict[str, float]]]:
+    """Mean and t-CI per method with the trajectory as the unit: the plans drawn on one trajectory share its
+    latents, so they are averaged first (``group_means``) and the CI is over trajectories."""
+    from flowbp.stats import group_means, mean_ci
+
+    out = {}
+    for method, recs in drawn.items():
+        groups = [r.get("trajectory", i) for i, r in enumerate(recs)]
+        out[method] = {
+            key: mean_ci(group_means([r[key] for r in recs], groups))
+            for key in ("d_j", "d_0", "leap_kj", "leap_jN", "sample_weight")
+        }
+    return out
 
 
 def write_deviation(bench: Bench, data: dict[str, Any]) -> None:
     n = data["num_steps"]
     rows = []
+    data = {**data, "summary": deviation_summary(data["drawn"])}
     for method, summ in data["summary"].items():
         rows.append([method, fmt(summ["leap_kj"], 1), fmt(summ["d_j"], 4), fmt(summ["leap_jN"], 1),
                      fmt(summ["d_0"], 4), fmt(summ["sample_weight"], 2)])
@@ -92,7 +103,8 @@ def write_deviation(bench: Bench, data: dict[str, Any]) -> None:
             "",
             "d_a = mean |x_a − x̂_a| of the surrogate's connector estimate against the cached latent. d_j: the "
             "connector k → j; d_0: j → N (the clean endpoint, reverse index 0). Drawn plans at the methods' "
-            "defaults (mean ± 95% CI over plans × trajectories):",
+            f"defaults ({len(next(iter(data['drawn'].values())))} plans per method; each trajectory's plans are "
+            "averaged first, then mean ± Student-t 95% CI over the trajectories):",
             "",
             md_table(["method", "j − k", "d_j", "N − j", "d_0", "sample weight"], rows),
             "",

@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from flowbp.bench.context import Bench, method_configs
-from flowbp.bench.report import fmt, half, md_table, pyplot, smooth
+from flowbp.bench.report import comparison_table, fmt, half, md_table, paired_comparisons, pyplot, smooth
 
 
 def run_training(bench: Bench) -> dict[str, Any]:
@@ -67,6 +67,48 @@ def run_training(bench: Bench) -> dict[str, Any]:
     return data
 
 
+def seed_values(runs: list[dict[str, Any]], key: str) -> list[float]:
+    """One number per seed, in seed order: the after-training metric, or the eval-reward gain for ``reward_gain``."""
+    ordered = sorted(runs, key=lambda r: r["seed"])
+    if key == "reward_gain":
+        return [r["summary"]["after"]["reward"] - r["summary"]["before"]["reward"] for r in ordered]
+    return [float(r["summary"]["after"].get(key, float("nan"))) for r in ordered]
+
+
+def training_comparisons(data: dict[str, Any], reference: str) -> dict[str, list[dict[str, Any]]]:
+    """Paired (over seeds) differences of the gain, held-out accuracy and FD to ``reference`` and among the top 3.
+
+    Only the seeds every method completed are compared (an interrupted bench leaves fewer for some methods).
+    """
+    common = set.intersection(*({r["seed"] for r in runs} for runs in data["runs"].values()))
+    runs = {m: [r for r in rs if r["seed"] in common] for m, rs in data["runs"].items()}
+    better = {"reward_gain": True, "heldout_accuracy": True, "frechet_distance": False}
+    return {
+        key: paired_comparisons({m: seed_values(rs, key) for m, rs in runs.items()}, reference,
+                                higher_is_better=up)
+        for key, up in better.items()
+    }
+
+
+def real_vs_real_frechet(size: int, repeats: int = 10) -> dict[str, Any]:
+    """FD of ``size`` real digits (random subsets of the reward split) against the real test split.
+
+    The same estimator and reference as the evaluation's FD, so it is the floor a perfect generator would
+    reach with that many samples (FD is biased upward for small sets).
+    """
+    import torch
+
+    from flowbp.stats import mean_ci
+    from flowbp.testbed.data import load_digits_split, to_rgb
+    from flowbp.testbed.heldout_metrics import frechet_distance
+
+    real = to_rgb(load_digits_split("reward")[0])
+    gen = torch.Generator().manual_seed(0)
+    size = min(size, len(real))
+    values = [frechet_distance(real[torch.randperm(len(real), generator=gen)[:size]]) for _ in range(repeats)]
+    return {"size": size, "repeats": repeats, "fd": mean_ci(values)}
+
+
 def write_training(bench: Bench, data: dict[str, Any]) -> None:
     from flowbp.diagnostics import summarize
 
@@ -95,13 +137,25 @@ def write_training(bench: Bench, data: dict[str, Any]) -> None:
         curves[method]["before"] = before
         curves[method]["after"] = after
     first = next(iter(curves.values()))
+    reference = getattr(bench.args, "reference", "leapalign")
+    comparisons = training_comparisons(data, reference)
+    n_eval = 10 * s.train_eval_samples
+    baseline = real_vs_real_frechet(n_eval)
+    fd_note = (
+        f"The Fréchet distance is computed on {n_eval} samples against the 300 real test digits; "
+        + ("" if n_eval >= 200 else "fewer than 200, so it is biased upward: compare it with ")
+        + f"the real-vs-real baseline of the same size, {n_eval} real digits of the reward split against the "
+        f"same 300 ({baseline['repeats']} random subsets): {fmt(baseline['fd'], 2)}."
+    )
+    seeds_n = len(data["seeds"])
     text = "\n".join(
         [
             "# Sample efficiency: short training runs, same budget per method",
             "",
             f"`flowbp.train.train` with the default config except: {s.train_steps} steps, batch "
             f"{s.train_batch_size}, N = {s.train_num_steps}, reward `{data['reward']}`; seeds {data['seeds']} "
-            f"(mean ± 95% CI over seeds). Evaluation (EMA weights, {s.train_eval_samples} samples × 10 prompts, "
+            f"(mean ± Student-t 95% CI over the {seeds_n} seeds). Evaluation (EMA weights, "
+            f"{s.train_eval_samples} samples × 10 prompts, "
             "fixed noise) before and after training; train reward = moving average of the last "
             f"{window} steps' batch reward at the end. Before training: eval reward "
             f"{first['before']['reward']:.3f}, held-out accuracy {first['before']['heldout_accuracy']:.3f}, "
@@ -110,9 +164,28 @@ def write_training(bench: Bench, data: dict[str, Any]) -> None:
             "",
             md_table(["method", "train reward (end)", "eval reward", "Δ eval reward", "held-out acc", "FD ↓",
                     "diversity", "s/step"], rows),
+            "",
+            fd_note,
+            "",
+            f"Methods share seeds (the same initial noise, data order and evaluation set per seed), so they are "
+            f"compared by paired differences over the {seeds_n} seeds, to `{reference}` and between the three "
+            "best; * and a verdict only where the 95% CI excludes 0.",
+            "",
+            "### Δ eval reward (higher is better)",
+            "",
+            comparison_table(comparisons["reward_gain"], "Δ eval reward"),
+            "",
+            "### held-out accuracy (higher is better)",
+            "",
+            comparison_table(comparisons["heldout_accuracy"], "held-out acc"),
+            "",
+            "### Fréchet distance (lower is better)",
+            "",
+            comparison_table(comparisons["frechet_distance"], "FD", 2),
         ]
     )
-    bench.write("training", {"curves": curves, **data}, text)
+    bench.write("training", {"curves": curves, "comparisons": comparisons, "reference": reference,
+                             "frechet_real_vs_real": baseline, **data}, text)
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.6))
     for k, (method, cv) in enumerate(curves.items()):
