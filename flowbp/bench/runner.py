@@ -7,9 +7,10 @@ import dataclasses
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
-from flowbp.bench.context import FULL, QUICK, SECTIONS, Bench
+from flowbp.bench.context import FULL, QUICK, SECTIONS, Bench, Settings
 from flowbp.bench.cost import run_cost, write_cost, write_headline
 from flowbp.bench.deviation import run_deviation, write_deviation
 from flowbp.bench.explosion import write_explosion
@@ -43,6 +44,8 @@ def training_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    if getattr(args, "render", False):
+        return render(args)
     if args.seeds < 1:
         raise ValueError(f"--seeds: must be >= 1, got {args.seeds}")
     only = set(args.only or SECTIONS)
@@ -94,4 +97,64 @@ def run(args: argparse.Namespace) -> int:
     }
     (bench.out / "bench.json").write_text(json.dumps(meta, indent=2) + "\n")
     bench.log(f"done in {total:.0f}s: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+    return 0
+
+
+class ReportContext:
+    """What the writers need from a :class:`Bench` (settings, output folder, options, log) without a model."""
+
+    def __init__(self, args: argparse.Namespace, settings: Settings) -> None:
+        self.args, self.settings = args, settings
+        self.out = Path(args.out)
+        self.t0 = time.perf_counter()
+
+    def log(self, message: str) -> None:
+        print(f"[{time.perf_counter() - self.t0:7.1f}s] {message}", flush=True)
+
+    def write(self, name: str, data: Any, markdown: str | None = None) -> None:
+        Bench.write(self, name, data, markdown)  # type: ignore[arg-type]
+
+
+def settings_from_json(raw: dict[str, Any]) -> Settings:
+    """Settings as a section's JSON stored them (lists back to tuples)."""
+    known = {f.name for f in dataclasses.fields(Settings)}
+    return Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items() if k in known})
+
+
+def render(args: argparse.Namespace) -> int:
+    """Re-write every table and plot from the JSON a bench run left in ``--out``: nothing is recomputed.
+
+    The statistics (t intervals, paired differences, per-trajectory grouping) are derived from the stored
+    per-batch / per-seed / per-plan values, so a run's tables can be regenerated after the reporting code changes.
+    """
+    out = Path(args.out)
+
+    def load(name: str) -> dict[str, Any] | None:
+        path = out / f"{name}.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    fid, explosion, deviation, cost = load("fidelity"), load("explosion"), load("deviation"), load("cost")
+    training = load("training-runs")
+    found = [n for n, d in (("fidelity", fid), ("explosion", explosion), ("deviation", deviation), ("cost", cost),
+                            ("training-runs", training)) if d is not None]
+    if not found:
+        raise ValueError(f"--out: no bench JSON (fidelity, explosion, deviation, cost, training-runs) in {out}")
+    raw = next(d["settings"] for d in (fid, explosion, cost, training) if d is not None and "settings" in d) \
+        if any(d is not None and "settings" in d for d in (fid, explosion, cost, training)) else {}
+    ctx = ReportContext(args, settings_from_json(raw))
+    ctx.log(f"rendering {', '.join(found)} from {out}")
+    if fid is not None:
+        if explosion is not None:
+            fid = {**fid, "per_step": explosion["per_step"]}
+        write_fidelity(ctx, fid)  # type: ignore[arg-type]
+    if explosion is not None and fid is not None:
+        write_explosion(ctx, fid)  # type: ignore[arg-type]
+    if deviation is not None:
+        write_deviation(ctx, deviation)  # type: ignore[arg-type]
+    if cost is not None:
+        write_cost(ctx, cost)  # type: ignore[arg-type]
+    write_headline(ctx, fid, cost)  # type: ignore[arg-type]
+    if training is not None:
+        ctx.settings = settings_from_json(training["settings"])
+        write_training(ctx, training)  # type: ignore[arg-type]
     return 0

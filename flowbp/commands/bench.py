@@ -34,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="small sizes: a few minutes on two CPU cores")
+    p.add_argument("--render", action="store_true",
+                   help="only re-write the tables and plots from the JSON already in --out (nothing recomputed)")
     p.add_argument("--out", default="bench-results", help="output folder for tables and plots (default bench-results)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu")
     p.add_argument("--seeds", type=int, default=3, help="training seeds per method (default 3)")
