@@ -9,7 +9,7 @@ from flowbp.bench.report import fmt, md_table, pyplot
 
 
 def write_explosion(bench: Bench, data: dict[str, Any]) -> None:
-    s = bench.settings
+    present = [int(p["num_steps"]) for p in data["per_step"]]
     per_step = data["per_step"]
     defaults = [r for r in data["rows"] if r["default"]]
     labels = list(dict.fromkeys(r["label"] for r in defaults))
@@ -32,7 +32,7 @@ def write_explosion(bench: Bench, data: dict[str, Any]) -> None:
     norm_rows = []
     for label in labels:
         cells = [label]
-        for n in s.num_steps:
+        for n in present:
             r = next((r for r in data["rows"] if r["label"] == label and r["num_steps"] == n), None)
             cells.append(fmt(r["grad_norm"], 4) if r else "")
         norm_rows.append(cells)
@@ -50,7 +50,7 @@ def write_explosion(bench: Bench, data: dict[str, Any]) -> None:
             "",
             "## Gradient norm ‖ĝ‖ by N (paper defaults; mean ± 95% CI over batches)",
             "",
-            md_table(["method", *[f"N = {n}" for n in s.num_steps]], [exact_cells, *norm_rows]),
+            md_table(["method", *[f"N = {n}" for n in present]], [exact_cells, *norm_rows]),
         ]
     )
     bench.write("explosion", {"per_step": per_step, "settings": data["settings"]}, text)
@@ -72,7 +72,7 @@ def write_explosion(bench: Bench, data: dict[str, Any]) -> None:
         ax.legend()
         ax.grid(alpha=0.3)
     ax = axes[2]
-    ax.plot(s.num_steps, [p["exact_norm"]["mean"] for p in per_step], "k*-", ms=10, label="exact")
+    ax.plot(present, [p["exact_norm"]["mean"] for p in per_step], "k*-", ms=10, label="exact")
     for k, label in enumerate(labels):
         pts = [r for r in data["rows"] if r["label"] == label]
         ax.plot([r["num_steps"] for r in pts], [r["grad_norm"]["mean"] for r in pts], "o-", color=f"C{k % 10}",

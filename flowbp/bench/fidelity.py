@@ -29,7 +29,8 @@ def run_gradients(bench: Bench) -> dict[str, Any]:
     s = bench.settings
     rows: list[dict[str, Any]] = []
     steps_rows: list[dict[str, Any]] = []
-    for n in s.num_steps:
+    # The headline N first, and the rows so far written after each N: an interrupted run still has them.
+    for n in sorted(s.num_steps, key=lambda n: n != s.headline_steps):
         # The active-set sweeps run at the headline N only (the other N show how the paper defaults scale).
         # (same labels at every N: a swept method's default row keeps its "(key=value)" label)
         configs = [c for c in method_configs(s.sweeps)
@@ -97,6 +98,11 @@ def run_gradients(bench: Bench) -> dict[str, Any]:
                 "step_norm_share": [summarize(share[:, i].tolist()) for i in range(n)],
             }
         )
+        partial = {"settings": dataclasses.asdict(s), "reward": bench.reward_spec, "loss": "linear (−mean w·r)",
+                   "rows": rows, "per_step": sorted(steps_rows, key=lambda p: p["num_steps"])}
+        bench.write("fidelity-partial", partial)
+    rows.sort(key=lambda r: r["num_steps"])
+    steps_rows.sort(key=lambda p: p["num_steps"])
     return {
         "settings": dataclasses.asdict(s),
         "reward": bench.reward_spec,
@@ -104,6 +110,11 @@ def run_gradients(bench: Bench) -> dict[str, Any]:
         "rows": rows,
         "per_step": steps_rows,
     }
+
+
+def steps_present(data: dict[str, Any]) -> list[int]:
+    """The N values the data holds (an interrupted run may lack the last ones)."""
+    return sorted({int(r["num_steps"]) for r in data["rows"]})
 
 
 def batch_values(row: dict[str, Any], key: str = "cosines") -> list[float]:
@@ -145,7 +156,7 @@ def write_fidelity(bench: Bench, data: dict[str, Any]) -> None:
         "`flowbp train` do. "
         + ("**cos (true)** compares with the plain sampler's true gradient (nothing detached); the training "
            "objective's own cosine to it is " + ", ".join(f"{c:.3f}" for c in objective) + f" for N = "
-           f"{', '.join(str(n) for n in s.num_steps)}. " if has_true and objective else "")
+           f"{', '.join(str(n) for n in steps_present(data))}. " if has_true and objective else "")
         + f"Batch {s.batch_size}, {s.batches} batches (Student-t 95% CI over batches), R = {s.draws} draws per "
         "batch for random methods (1 for deterministic ones). cos = mean single-draw cosine; cos(mean) = cosine "
         "of the mean over the R draws (the method's expected direction, i.e. its bias, up to 1/R variance); "
@@ -154,7 +165,7 @@ def write_fidelity(bench: Bench, data: dict[str, Any]) -> None:
         "difference is marked * and a method ranked above another only where its 95% CI excludes 0.",
     ]
     comparisons = fidelity_comparisons(data, reference)
-    for n in s.num_steps:
+    for n in steps_present(data):
         rows = [r for r in data["rows"] if r["num_steps"] == n]
         body = [
             [
@@ -192,7 +203,8 @@ def write_fidelity(bench: Bench, data: dict[str, Any]) -> None:
 def plot_fidelity(bench: Bench, data: dict[str, Any]) -> None:
     plt = pyplot()
     s = bench.settings
-    n_head = s.headline_steps if s.headline_steps in s.num_steps else s.num_steps[-1]
+    present = steps_present(data)
+    n_head = s.headline_steps if s.headline_steps in present else present[-1]
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     ax = axes[0]
     for k, r in enumerate(r for r in data["rows"] if r["num_steps"] == n_head):
@@ -206,7 +218,7 @@ def plot_fidelity(bench: Bench, data: dict[str, Any]) -> None:
     ax.set_title(f"fidelity vs cost, N = {n_head}")
     ax.grid(alpha=0.3)
     ax = axes[1]
-    defaults = [r["label"] for r in data["rows"] if r["default"] and r["num_steps"] == s.num_steps[0]]
+    defaults = [r["label"] for r in data["rows"] if r["default"] and r["num_steps"] == present[0]]
     for k, label in enumerate(defaults):
         pts = [(r["num_steps"], r["cosine"]) for r in data["rows"] if r["label"] == label]
         xs = [p[0] for p in pts]

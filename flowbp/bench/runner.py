@@ -134,6 +134,10 @@ def render(args: argparse.Namespace) -> int:
         return json.loads(path.read_text()) if path.exists() else None
 
     fid, explosion, deviation, cost = load("fidelity"), load("explosion"), load("deviation"), load("cost")
+    if fid is None and explosion is None and (partial := load("fidelity-partial")) is not None:
+        ctx_note = f"fidelity-partial.json (N = {sorted({r['num_steps'] for r in partial['rows']})})"
+        print(f"rendering the interrupted gradient sections from {ctx_note}", flush=True)
+        fid, explosion = partial, {"per_step": partial["per_step"], "settings": partial["settings"]}
     training = load("training-runs")
     found = [n for n, d in (("fidelity", fid), ("explosion", explosion), ("deviation", deviation), ("cost", cost),
                             ("training-runs", training)) if d is not None]
