@@ -74,7 +74,7 @@ class TrainConfig:
     eval_seed: int = 2024
     # periodic held-out evaluation (flowbp.evaluate.periodic_eval), the same code as `flowbp eval`:
     eval_every: int = 0  # evaluate every N steps (0: off)
-    eval_prompts_file: str | None = None  # None: digits prompts / the 400 HPDv2 test prompts for real backbones
+    eval_prompts_file: str | None = None  # None: the backbone's evaluation set (HPDv2 test, 400, for real ones)
     eval_metrics: list[str] | None = None  # None: the training reward + the backbone's held-out metrics
     sample_every: int = 50  # sample grid every N steps (0: only at start and end)
     checkpoint_every: int = 50  # 0: only at the end

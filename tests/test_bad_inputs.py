@@ -260,6 +260,12 @@ def test_bad_input_of_other_commands_is_one_line(tmp_path: Path, capsys, case: s
     assert not (tmp_path / "grid.png").exists()
 
 
+def test_several_processes_need_an_output_dir(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun sets: each rank would stamp its own default dir
+    code, err = run_cli(["train"], capsys)
+    assert code == 2 and "--output-dir: required when launching several processes" in err and err.count("\n") == 1
+
+
 def test_debug_shows_the_traceback(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="learning_rate: must be > 0"):
         main(["--debug", "train", "--output-dir", str(tmp_path / "x"), "--set", "learning_rate=-1"])
@@ -269,7 +275,7 @@ def test_readme_reliability_section_lists_every_case() -> None:
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("## Reliability", 1)[1].split("\n## ", 1)[0]
     cases = [*TRAIN_CASES, *RESUME_CASES, "--resume of a directory that is not a run", "--resume of a finished run",
-             *OTHER_CASES]
+             "several processes without --output-dir", *OTHER_CASES]
     assert len(cases) == len(set(cases)) >= 25
     assert f"{len(cases)} bad inputs" in section
     for case in cases:
