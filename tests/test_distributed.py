@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -48,6 +49,7 @@ def final_weights(run: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
     two, one = tmp_path / "two", tmp_path / "one"
     proc = torchrun(["train", "--output-dir", str(two), *set_args(TINY)])
@@ -75,6 +77,7 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(tmp_path: Pa
     assert not torch.equal(ranks[0]["renoise"], ranks[1]["renoise"])  # each rank's own stream
 
 
+@pytest.mark.slow
 def test_preempted_two_process_run_resumes_every_ranks_own_streams(tmp_path: Path) -> None:
     """DRaFT-LV draws its renoised inputs from each rank's own stream: a resume that restored the
     wrong stream to a rank (or rank 0's to both) would change the gradients and the final weights."""
@@ -99,6 +102,7 @@ def test_preempted_two_process_run_resumes_every_ranks_own_streams(tmp_path: Pat
         assert all(torch.equal(ra[k], rb[k]) for k in ra)
 
 
+@pytest.mark.slow
 def test_fsdp2_full_finetuning_preempted_and_resumed_equals_one_process(tmp_path: Path) -> None:
     """accelerate's FSDP2 path (forced onto CPU/gloo by a test hook: accelerate itself only enables FSDP
     on GPUs): sharded DTensor parameters, gathered checkpoints, re-sharding on resume, whole-tensor

@@ -72,6 +72,7 @@ def reference(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "point,resumes_from",
     [
@@ -107,6 +108,7 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_weights(
     assert_same_weights(run, reference)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_resume_finishes_with_the_same_weights(tmp_path: Path, reference: Path) -> None:
     run = tmp_path / "run"
     cfg = {**TINY, "checkpoint_every": 0}  # the only mid-run checkpoint is the one SIGTERM writes
@@ -157,6 +159,13 @@ def test_gradient_accumulation_equals_one_big_batch(tmp_path: Path) -> None:
     train(load_config(None, {**cfg, "output_dir": str(one)}))
     train(load_config(None, {**cfg, "gradient_accumulation_steps": 2, "output_dir": str(acc)}))
     h1, h2 = (json.loads((r / "history.json").read_text()) for r in (one, acc))
+    # the default tracker (accelerate's TensorBoard) got the scalars and the sample grids as images
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(one / "tensorboard"))
+    events.Reload()
+    assert {"samples/step", "samples/final"} <= set(events.Tags()["images"])
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
     # plans are drawn once per optimizer step (not per micro-batch): the same plans in both runs
     assert [h["plan_digests"] for h in h1] == [h["plan_digests"] for h in h2]
     assert len(h2) == 2
