@@ -43,6 +43,9 @@ class TrainConfig:
     num_inference_steps: int = 25
     guidance_scale: float | None = None  # None: the backbone's default
     detach_negative: bool = True  # stop the gradient through the unconditional CFG branch
+    # divide the backward loss by the CFG scale g (the paper's cfg_grad_norm_compensate): a detached
+    # negative branch multiplies the gradient by g; this undoes it. Forward values are unchanged.
+    cfg_grad_compensate: bool = False
     # --- objective
     loss: Literal["hinge", "linear"] = "hinge"
     loss_margin: float = 0.55  # λ of the hinge ReLU(λ − r)

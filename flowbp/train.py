@@ -217,6 +217,14 @@ def _checkpoint(run: Run) -> None:
         )
 
 
+def _backward_scale(c: TrainConfig, backbone: Any) -> float:
+    """1/g under ``cfg_grad_compensate`` with real CFG (g > 1), else 1."""
+    if not c.cfg_grad_compensate:
+        return 1.0
+    g = c.guidance_scale if c.guidance_scale is not None else getattr(backbone, "default_guidance_scale", 1.0)
+    return 1.0 / g if g > 1.0 else 1.0
+
+
 def train_step(run: Run) -> dict[str, Any]:
     c, bb, gens = run.config, run.backbone, run.generators
     t0 = time.perf_counter()
@@ -230,7 +238,7 @@ def train_step(run: Run) -> dict[str, Any]:
     out = surrogate(plan, traj, velocity, generator=gens["renoise"])
     rewards = [run.reward(bb.decode(x), prompts) for x in out.inputs]
     loss = reward_loss(rewards, out.sample_weights.to(rewards[0].device), c.loss, c.loss_margin)
-    run.accelerator.backward(loss)
+    run.accelerator.backward(loss * _backward_scale(c, bb))
     params = list(run.parameters.values())
     grad_norm = float(
         run.accelerator.clip_grad_norm_(params, c.max_grad_norm)
