@@ -12,6 +12,7 @@ import torch
 from flowbp.backbones import Backbone, load_backbone
 from flowbp.cli import main
 from flowbp.engine import surrogate
+from flowbp.memory import saved_tensor_bytes
 from flowbp.methods import available_methods, make_plan
 from flowbp.rewards import load_reward
 from flowbp.trajectory import rollout
@@ -79,14 +80,18 @@ def test_detach_negative_only_changes_the_gradient(tiny_sd3_dir: Path) -> None:
     x = bb.initial_noise(1, torch.Generator().manual_seed(0))
     param = bb.transformer.proj_out.weight
     param.requires_grad_(True)
-    grads, values = [], []
+    grads, values, saved = [], [], []
     for detach in (False, True):
-        v = bb.velocity_fn(cond, 3.5, detach_uncond=detach)(x, 0.7)
+        with saved_tensor_bytes(exclude=list(bb.transformer.parameters())) as meter:
+            v = bb.velocity_fn(cond, 3.5, detach_uncond=detach)(x, 0.7)
         (g,) = torch.autograd.grad(v.square().sum(), param)
         grads.append(g)
         values.append(v.detach())
-    assert torch.equal(values[0], values[1])
+        saved.append(meter.total)
+    assert torch.allclose(values[0], values[1], atol=1e-6)
     assert not torch.allclose(grads[0], grads[1])
+    # the detached negative branch runs without autograd: its activations are not kept
+    assert saved[1] < 0.6 * saved[0]
 
 
 @pytest.mark.parametrize("method", available_methods())
