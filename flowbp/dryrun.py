@@ -55,8 +55,9 @@ class Architecture:
     lora_targets: tuple[str, ...] | str
     #: (batch, resolution, text_len, dtype, device) -> transformer kwargs of one call
     make_inputs: Callable[[int, int, int, torch.dtype, torch.device], dict[str, Any]]
-    #: whether the negative CFG branch is part of the gradient forward (batched with the positive one)
-    batched_cfg: bool
+    #: real CFG with a negative branch; it carries activations only when not detached (a detached
+    #: negative branch runs as its own no-grad call in the adapters, as in the paper's trainers)
+    real_cfg: bool
     vae_factor: int = 8
 
 
@@ -114,7 +115,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
         ),
         make_inputs=_sd3_inputs,
-        batched_cfg=True,
+        real_cfg=True,
     ),
     "flux1": Architecture(
         backbone="flux1",
@@ -135,7 +136,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             "ff_context.net.2",
         ),
         make_inputs=_flux1_inputs,
-        batched_cfg=False,  # guidance-distilled: no negative branch
+        real_cfg=False,  # guidance-distilled: no negative branch
     ),
     "flux2-klein": Architecture(
         backbone="flux2-klein",
@@ -155,7 +156,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             r".*(single_transformer_blocks\.\d+\.attn\.to_out|\.(to_q|to_k|to_v|to_out\.0|to_qkv_mlp_proj))$"
         ),
         make_inputs=_klein_inputs,
-        batched_cfg=False,  # cond and uncond are two separate forwards
+        real_cfg=True,
     ),
 }
 
@@ -421,10 +422,8 @@ def estimate(
         model.requires_grad_(True)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     g = 1.0 if guidance_scale is None else guidance_scale
-    carries_negative = g > 1.0 and arch.batched_cfg and not detach_negative
-    call_batch = batch_size * (2 if carries_negative else 1)
-    if arch.backbone == "flux2-klein" and g > 1.0 and not detach_negative:
-        call_batch = batch_size * 2  # two separate forwards, both with grad: twice the activations
+    carries_negative = g > 1.0 and arch.real_cfg and not detach_negative
+    call_batch = batch_size * (2 if carries_negative else 1)  # [negative, positive] batched, both with grad
     inputs = arch.make_inputs(call_batch, resolution, arch.text_len, dtype, device)
     with torch.enable_grad():
         forward = forward_saved_bytes(model, inputs, gradient_checkpointing)
