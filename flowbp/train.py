@@ -30,6 +30,7 @@ from flowbp.stats import mean_ci
 from flowbp.trajectory import rollout
 
 GRID_SAMPLES_PER_PROMPT = 8
+GRID_MAX_PROMPTS = 10  # sample grids show the first prompts of the evaluation set
 
 
 @dataclass
@@ -69,6 +70,16 @@ def _read_prompts(config: TrainConfig, backbone: Any) -> list[str]:
     return list(config.prompts) if config.prompts is not None else list(backbone.default_prompts())
 
 
+def _eval_prompts(config: TrainConfig, backbone: Any) -> list[str]:
+    if config.eval_prompts_file is not None:
+        prompts = [line.strip() for line in Path(config.eval_prompts_file).read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"eval_prompts_file: {config.eval_prompts_file} holds no prompts")
+    else:
+        prompts = list(backbone.default_prompts())
+    return prompts[: config.eval_max_prompts]
+
+
 @contextlib.contextmanager
 def ema_weights(run: Run) -> Iterator[None]:
     """Temporarily evaluate with the EMA weights (as the paper does), then restore the live ones."""
@@ -89,7 +100,7 @@ def setup(config: TrainConfig, run_dir: Path | None = None, resume: bool = False
     from accelerate import Accelerator
     from diffusers.training_utils import EMAModel
 
-    from flowbp.backbones import load_backbone
+    from flowbp.backbones import backbone_from_config
     from flowbp.rewards import load_reward
 
     validate_against_components(config)
@@ -101,13 +112,7 @@ def setup(config: TrainConfig, run_dir: Path | None = None, resume: bool = False
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: 'cuda' requested but no CUDA device is available")
     accelerator = Accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
-    kwargs: dict[str, Any] = {"device": accelerator.device}
-    if config.backbone_path is not None:
-        kwargs["path"] = config.backbone_path
-    try:
-        backbone = load_backbone(config.backbone, **kwargs)
-    except FileNotFoundError as exc:
-        raise ValueError(f"backbone_path: {exc}") from exc
+    backbone = backbone_from_config(config, accelerator.device)
     reward = load_reward(config.reward, paths=config.reward_paths).to(accelerator.device)
     reward.requires_grad_(False)
     prompts = _read_prompts(config, backbone)
@@ -146,7 +151,7 @@ def setup(config: TrainConfig, run_dir: Path | None = None, resume: bool = False
         model=model,
         reward=reward,
         prompts=prompts,
-        eval_prompts=list(backbone.default_prompts()),
+        eval_prompts=_eval_prompts(config, backbone),
         parameters=parameters,
         optimizer=optimizer,
         ema=ema,
@@ -176,23 +181,27 @@ def _evaluate(run: Run) -> EvalResult:
             c.num_inference_steps,
             c.guidance_scale,
             c.eval_seed,
+            chunk=c.eval_batch_size,
         )
 
 
 def _save_grid(run: Run, tag: str) -> None:
     c = run.config
+    prompts = run.eval_prompts[:GRID_MAX_PROMPTS]
     with ema_weights(run):
         result = evaluate(
             run.backbone,
-            run.reward,
-            run.eval_prompts,
+            None,
+            prompts,
             GRID_SAMPLES_PER_PROMPT,
             c.num_inference_steps,
             c.guidance_scale,
             c.eval_seed,
+            chunk=c.eval_batch_size,
+            heldout=False,
         )
     # one row per prompt
-    save_grid(result.images, run.run_dir / "samples" / f"{tag}.png", rows=len(run.eval_prompts))
+    save_grid(result.images, run.run_dir / "samples" / f"{tag}.png", rows=len(prompts))
 
 
 def _checkpoint(run: Run) -> None:
@@ -208,6 +217,14 @@ def _checkpoint(run: Run) -> None:
         )
 
 
+def _backward_scale(c: TrainConfig, backbone: Any) -> float:
+    """1/g under ``cfg_grad_compensate`` with real CFG (g > 1), else 1."""
+    if not c.cfg_grad_compensate:
+        return 1.0
+    g = c.guidance_scale if c.guidance_scale is not None else getattr(backbone, "default_guidance_scale", 1.0)
+    return 1.0 / g if g > 1.0 else 1.0
+
+
 def train_step(run: Run) -> dict[str, Any]:
     c, bb, gens = run.config, run.backbone, run.generators
     t0 = time.perf_counter()
@@ -221,7 +238,7 @@ def train_step(run: Run) -> dict[str, Any]:
     out = surrogate(plan, traj, velocity, generator=gens["renoise"])
     rewards = [run.reward(bb.decode(x), prompts) for x in out.inputs]
     loss = reward_loss(rewards, out.sample_weights.to(rewards[0].device), c.loss, c.loss_margin)
-    run.accelerator.backward(loss)
+    run.accelerator.backward(loss * _backward_scale(c, bb))
     params = list(run.parameters.values())
     grad_norm = float(
         run.accelerator.clip_grad_norm_(params, c.max_grad_norm)
@@ -288,6 +305,9 @@ def finish(run: Run, start_time: float) -> dict[str, Any]:
             if c.finetune == "lora":
                 run.backbone.transformer = run.model
                 run.backbone.save_lora(run.run_dir / "lora")
+            elif hasattr(run.backbone, "save_full"):  # diffusers: <run>/transformer for from_pretrained
+                run.backbone.transformer = run.model
+                run.backbone.save_full(run.run_dir)
             else:
                 from safetensors.torch import save_file
 

@@ -307,3 +307,15 @@ def test_vit_h14_shapes_convert_to_the_hps_architecture():
     assert model.config.projection_dim == 1024
     # open_clip ViT-H-14's parameter count; HPS_v2.1_compressed.pt is 1,972,490,005 B ≈ 2 B per parameter
     assert sum(p.numel() for p in model.parameters()) == 986_109_441
+
+
+def test_hpsv2_pixel_gradient_matches_finite_differences(tmp_path):
+    reward = load_reward("hpsv2", path=_hps_dir(tmp_path)).double()
+    images = smooth_images(1, 90, 150, seed=6).double().clamp(0.05, 0.95).requires_grad_(True)
+    direction = torch.randn(images.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    reward(images, PROMPTS[:1]).sum().backward()
+    eps = 1e-5
+    with torch.no_grad():
+        numeric = (reward(images + eps * direction, PROMPTS[:1]) - reward(images - eps * direction, PROMPTS[:1])) / (
+            2 * eps)
+    assert torch.allclose((images.grad * direction).sum(), numeric.sum(), rtol=1e-5, atol=1e-8)

@@ -214,3 +214,15 @@ def test_imagereward_v1_shapes_convert_to_the_blip_architecture():
     # vision_proj (1024→256) and text_proj (768→256) are 459,264: the rest is exactly what the model needs
     n = sum(p.numel() for p in model.parameters())
     assert 446.0e6 < n + 459_264 < 447.0e6
+
+
+def test_imagereward_pixel_gradient_matches_finite_differences(ir_dir):
+    reward = load_reward("imagereward", path=ir_dir).double()
+    images = smooth_images(1, 240, 180, seed=8).double().clamp(0.05, 0.95).requires_grad_(True)
+    direction = torch.randn(images.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    reward(images, PROMPTS[:1]).sum().backward()
+    eps = 1e-5
+    with torch.no_grad():
+        numeric = (reward(images + eps * direction, PROMPTS[:1]) - reward(images - eps * direction, PROMPTS[:1])) / (
+            2 * eps)
+    assert torch.allclose((images.grad * direction).sum(), numeric.sum(), rtol=1e-5, atol=1e-8)

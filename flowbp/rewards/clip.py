@@ -44,6 +44,11 @@ HPS_HUB = HubSource("xswu/HPSv2", ("HPS_v2.1_compressed.pt",))
 AESTHETIC_HUB = HubSource("trl-lib/ddpo-aesthetic-predictor", ("aesthetic-model.pth",))
 
 
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision features to float32 for the score arithmetic; float32/float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def is_clip_folder(folder: Path) -> bool:
     """A transformers CLIP folder: config.json + weights."""
     return folder.is_dir() and (folder / "config.json").is_file() and first_file(folder, WEIGHT_FILES) is not None
@@ -97,7 +102,7 @@ class ClipReward(_FrozenReward):
         """L2-normalised projected image embeddings (differentiable)."""
         dtype = self.model.visual_projection.weight.dtype
         pooled = self.model.vision_model(pixel_values=self.transform(images).to(dtype)).pooler_output
-        return F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
+        return F.normalize(upcast(self.model.visual_projection(pooled)), dim=-1)
 
     def text_features(self, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
         texts = [self.clean(p) for p in prompts] if self.clean is not None else list(prompts)
@@ -105,14 +110,14 @@ class ClipReward(_FrozenReward):
                                 max_length=self.tokenizer.model_max_length, return_tensors="pt")
         mask = tokens["attention_mask"].to(device) if self.use_attention_mask else None
         pooled = self.model.text_model(input_ids=tokens["input_ids"].to(device), attention_mask=mask).pooler_output
-        return F.normalize(self.model.text_projection(pooled).float(), dim=-1)
+        return F.normalize(upcast(self.model.text_projection(pooled)), dim=-1)
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         if len(prompts) != images.shape[0]:
             raise ValueError(f"prompts: got {len(prompts)} prompts for {images.shape[0]} images")
         cos = (self.image_features(images) * self.text_features(prompts, images.device)).sum(-1)
         if self.score == "logit":
-            out = self.model.logit_scale.float().exp() * cos
+            out = upcast(self.model.logit_scale).exp() * cos
         elif self.score == "clipscore":
             out = 100.0 * cos.clamp(min=0)
         else:
@@ -244,8 +249,9 @@ class AestheticReward(_FrozenReward):
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         dtype = next(self.vision.parameters()).dtype
-        embeds = self.vision(pixel_values=self.transform(images).to(dtype)).image_embeds.float()
-        return self.mlp(F.normalize(embeds, dim=-1)).squeeze(-1).to(images.dtype)
+        embeds = upcast(self.vision(pixel_values=self.transform(images).to(dtype)).image_embeds)
+        mlp_dtype = next(self.mlp.parameters()).dtype
+        return self.mlp(F.normalize(embeds, dim=-1).to(mlp_dtype)).squeeze(-1).to(images.dtype)
 
 
 def load_aesthetic(path: str | Path | None = None, allow_download: bool = False, dtype: Any = None,
