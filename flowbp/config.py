@@ -8,6 +8,7 @@ of steps, α outside [0, 1], …) is one clear ``ValueError`` naming the key.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -17,6 +18,7 @@ import yaml
 from flowbp.typecheck import build_dataclass
 
 PRESETS_DIR = Path(__file__).resolve().parent / "configs"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 #: accelerate ``log_with`` names -> the package each needs (not dependencies of flowbp: install to use).
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 #: diffusers.optimization.SchedulerType values (kept here so validating a config imports nothing heavy).
@@ -34,7 +36,14 @@ LR_SCHEDULERS = (
 class TrainConfig:
     # --- what is trained, on what
     backbone: str = "digits"
-    backbone_path: str | None = None  # weights directory; None: the backbone's default (shipped for digits)
+    backbone_path: str | None = None  # weights directory or cached hub id; None: the default (shipped for digits)
+    # extra keyword arguments of the backbone's loader, e.g. {max_sequence_length: 512}
+    backbone_args: dict[str, Any] = field(default_factory=dict)
+    resolution: int | None = None  # image side in pixels; None: the backbone's default (512 real, 16 digits)
+    # weights of the frozen parts; auto: float32 on CPU, bfloat16 on GPU (full fine-tuning keeps fp32 masters)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    gradient_checkpointing: bool = False  # transformer blocks recompute their activations in backward
+    vae_gradient_checkpointing: bool = False
     method: str = "flowbp-lagrange"
     method_args: dict[str, Any] = field(default_factory=dict)  # overrides of the method's parameters
     # a reward spec: "name", "a+0.5*b" or a mapping; default: the digits preference-style trade-off
@@ -48,6 +57,9 @@ class TrainConfig:
     num_inference_steps: int = 25
     guidance_scale: float | None = None  # None: the backbone's default
     detach_negative: bool = True  # stop the gradient through the unconditional CFG branch
+    # divide the backward loss by the CFG scale g (the paper's cfg_grad_norm_compensate): a detached
+    # negative branch multiplies the gradient by g; this undoes it. Forward values are unchanged.
+    cfg_grad_compensate: bool = False
     # --- objective
     loss: Literal["hinge", "linear"] = "hinge"
     loss_margin: float = 0.55  # λ of the hinge ReLU(λ − r)
@@ -57,7 +69,7 @@ class TrainConfig:
     finetune: Literal["lora", "full"] = "lora"
     lora_rank: int = 8
     lora_alpha: float | None = None
-    lora_targets: list[str] | None = None
+    lora_targets: list[str] | str | None = None  # module-name suffixes or one regex; None: the backbone's
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     adam_beta1: float = 0.9
@@ -71,10 +83,12 @@ class TrainConfig:
     plan_seed: int = 114
     # --- evaluation, logging, outputs
     eval_samples_per_prompt: int = 20
+    eval_prompts_file: str | None = None  # None: digits prompts / the 400 HPDv2 test prompts for real backbones
+    eval_max_prompts: int | None = None  # use only the first N evaluation prompts
     eval_seed: int = 2024
+    eval_batch_size: int = 128  # samples per evaluation / grid rollout batch
     # periodic held-out evaluation (flowbp.evaluate.periodic_eval), the same code as `flowbp eval`:
     eval_every: int = 0  # evaluate every N steps (0: off)
-    eval_prompts_file: str | None = None  # None: the backbone's evaluation set (HPDv2 test, 400, for real ones)
     eval_metrics: list[str] | None = None  # None: the training reward + the backbone's held-out metrics
     sample_every: int = 50  # sample grid every N steps (0: only at start and end)
     checkpoint_every: int = 50  # 0: only at the end
@@ -99,6 +113,7 @@ class TrainConfig:
             "batch_size",
             "lora_rank",
             "eval_samples_per_prompt",
+            "eval_batch_size",
             "gradient_accumulation_steps",
             "max_consecutive_skips",
         )
@@ -118,13 +133,21 @@ class TrainConfig:
                 raise ValueError(f"{name}: must be in [0, 1), got {getattr(self, name)}")
         if self.guidance_scale is not None and self.guidance_scale < 1:
             raise ValueError(f"guidance_scale: must be >= 1 (or null for the default), got {self.guidance_scale}")
+        if self.resolution is not None and self.resolution < 1:
+            raise ValueError(f"resolution: must be >= 1 (or null for the backbone's default), got {self.resolution}")
+        if self.eval_max_prompts is not None and self.eval_max_prompts < 1:
+            raise ValueError(f"eval_max_prompts: must be >= 1 (or null for all), got {self.eval_max_prompts}")
         for name, value in self.reward_paths.items():
             if not Path(value).expanduser().exists():
                 raise ValueError(f"reward_paths.{name}: file or directory not found: {value}")
-        for name in ("backbone_path", "prompts_file", "eval_prompts_file"):
+        for name in ("prompts_file", "eval_prompts_file"):
             value = getattr(self, name)
-            if value is not None and not Path(value).exists():
+            if value is not None and not Path(value).is_file():
                 raise ValueError(f"{name}: file or directory not found: {value}")
+        # a hub id (owner/name) is resolved from the local cache by the backbone, with its own error
+        path = self.backbone_path
+        if path is not None and not Path(path).exists() and not _HUB_ID.match(path):
+            raise ValueError(f"backbone_path: file or directory not found: {path}")
         if self.prompts is not None and not self.prompts:
             raise ValueError("prompts: must be a non-empty list (or null for the backbone's prompt set)")
         if self.batch_size % self.gradient_accumulation_steps:

@@ -60,6 +60,7 @@ from flowbp.stats import mean_ci
 from flowbp.trajectory import rollout
 
 GRID_SAMPLES_PER_PROMPT = 8
+GRID_MAX_PROMPTS = 10  # sample grids show the first prompts of the evaluation set
 #: Config keys a resumed run may change (``output_dir``: the run directory given to --resume wins).
 RESUMABLE_CHANGES = ("steps", "output_dir")
 
@@ -129,6 +130,16 @@ def _read_prompts(config: TrainConfig, backbone: Any) -> list[str]:
     return list(config.prompts) if config.prompts is not None else list(backbone.default_prompts())
 
 
+def _eval_prompts(config: TrainConfig, backbone: Any) -> list[str]:
+    if config.eval_prompts_file is not None:
+        prompts = [line.strip() for line in Path(config.eval_prompts_file).read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"eval_prompts_file: {config.eval_prompts_file} holds no prompts")
+    else:
+        prompts = list(backbone.default_prompts())
+    return prompts[: config.eval_max_prompts]
+
+
 # ----------------------------------------------------------------------------- components (small, replaceable)
 def make_accelerator(config: TrainConfig, run_dir: Path) -> Any:
     """accelerate decides the topology (launcher / config file): DDP for LoRA, FSDP2 if the preset asks."""
@@ -182,15 +193,10 @@ def _test_fsdp2_on_cpu(accelerator: Any) -> None:
 
 
 def build_backbone(config: TrainConfig, device: torch.device) -> Any:
-    from flowbp.backbones import load_backbone
+    from flowbp.backbones import backbone_from_config
 
-    kwargs: dict[str, Any] = {"device": device}
-    if config.backbone_path is not None:
-        kwargs["path"] = config.backbone_path
     try:
-        return load_backbone(config.backbone, **kwargs)
-    except FileNotFoundError as exc:
-        raise ValueError(f"backbone_path: {exc}") from exc
+        return backbone_from_config(config, device)
     except (OSError, KeyError, RuntimeError, json.JSONDecodeError, SafetensorError) as exc:
         # a truncated or foreign weights file, a config that does not fit the weights
         where = config.backbone_path or "the shipped weights"
@@ -362,7 +368,7 @@ def setup(config: TrainConfig, run_dir: Path | None = None, resume_from: Path | 
         prepared=prepared,
         reward=reward,
         prompts=prompts,
-        eval_prompts=list(backbone.default_prompts()),
+        eval_prompts=_eval_prompts(config, backbone),
         parameters=parameters,
         optimizer=optimizer,
         scheduler=scheduler,
@@ -503,32 +509,35 @@ def _evaluate(run: Run) -> EvalResult:
             c.num_inference_steps,
             c.guidance_scale,
             c.eval_seed,
+            chunk=c.eval_batch_size,
         )
 
 
 def _save_grid(run: Run, tag: str) -> None:
     c = run.config
+    prompts = run.eval_prompts[:GRID_MAX_PROMPTS]
     with eval_model(run):
         result = evaluate(
             run.backbone,
             None,
-            run.eval_prompts,
+            prompts,
             GRID_SAMPLES_PER_PROMPT,
             c.num_inference_steps,
             c.guidance_scale,
             c.eval_seed,
+            chunk=c.eval_batch_size,
             heldout=False,
         )
     if not run.is_main:
         return
     # one row per prompt
-    path = save_grid(result.images, run.run_dir / "samples" / f"{tag}.png", rows=len(run.eval_prompts))
-    _log_image(run, f"samples/{tag.split('-')[0]}", result.images, path)
+    path = save_grid(result.images, run.run_dir / "samples" / f"{tag}.png", rows=len(prompts))
+    _log_image(run, f"samples/{tag.split('-')[0]}", result.images, path, rows=len(prompts))
 
 
-def _log_image(run: Run, key: str, images: torch.Tensor, path: Path) -> None:
+def _log_image(run: Run, key: str, images: torch.Tensor, path: Path, rows: int) -> None:
     """Send a sample grid to every tracker in the form it takes (TensorBoard, wandb images; MLflow file)."""
-    grid = image_grid(images, rows=len(run.eval_prompts))
+    grid = image_grid(images, rows=rows)
     for tracker in run.accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.log_images({key: grid[None]}, step=run.step, dataformats="NHWC")
@@ -536,6 +545,14 @@ def _log_image(run: Run, key: str, images: torch.Tensor, path: Path) -> None:
             tracker.log_artifact(str(path), "samples")
         elif hasattr(tracker, "log_images"):
             tracker.log_images({key: [grid]}, step=run.step)
+
+
+def _backward_scale(c: TrainConfig, backbone: Any) -> float:
+    """1/g under ``cfg_grad_compensate`` with real CFG (g > 1), else 1."""
+    if not c.cfg_grad_compensate:
+        return 1.0
+    g = c.guidance_scale if c.guidance_scale is not None else getattr(backbone, "default_guidance_scale", 1.0)
+    return 1.0 / g if g > 1.0 else 1.0
 
 
 # ----------------------------------------------------------------------------- one optimizer step
@@ -567,7 +584,7 @@ def train_step(run: Run) -> dict[str, Any]:
             scores = _test_reward_hook(scores, step)
             loss = reward_loss(scores, out.sample_weights.to(scores[0].device), c.loss, c.loss_margin)
             kill_point("mid-step", step)
-            acc.backward(loss)
+            acc.backward(loss * _backward_scale(c, bb))
         rewards.append(scores[0].detach().float())
         losses.append(loss.detach().float().reshape(1))
         weights.append(out.sample_weights.detach().float().to(acc.device))
@@ -706,6 +723,13 @@ def _save_weights(run: Run) -> None:
                 run.backbone.transformer = run.model
                 try:
                     run.backbone.save_lora(run.run_dir / "lora")
+                finally:
+                    run.backbone.transformer = run.prepared
+        elif hasattr(run.backbone, "save_full") and acc.distributed_type.value != "FSDP":
+            if run.is_main:  # diffusers backbones: <run>/transformer for from_pretrained
+                run.backbone.transformer = run.model
+                try:
+                    run.backbone.save_full(run.run_dir)
                 finally:
                     run.backbone.transformer = run.prepared
         else:

@@ -53,3 +53,13 @@ def sigmas10() -> torch.Tensor:
 def shifted(n: int, shift: float = 3.0) -> torch.Tensor:
     s = torch.linspace(1.0, 0.0, n + 1, dtype=torch.float64)
     return shift * s / (1 + (shift - 1) * s)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random SD3 pipeline saved once per test session (tests/tiny_pipelines.py)."""
+    from tiny_pipelines import build_tiny_sd3
+
+    directory = tmp_path_factory.mktemp("tiny-sd3")
+    build_tiny_sd3(directory)
+    return directory

@@ -111,7 +111,10 @@ TRAIN_CASES = {
         lambda t: ["--set", f"prompts_file={_write(t, 'p.txt', bytes([0xFF, 0xFE, 0x00, 0x81]))}"],
         "prompts_file: cannot read",
     ),
-    "prompts file is a directory": (lambda t: ["--set", f"prompts_file={t}"], "prompts_file: cannot read"),
+    "prompts file is a directory": (
+        lambda t: ["--set", f"prompts_file={t}"],
+        "prompts_file: file or directory not found",
+    ),
     "prompt the backbone cannot encode": (
         lambda t: ["--set", f"prompts_file={_write(t, 'p.txt', 'digit 3' + chr(10) + 'a cat' + chr(10))}"],
         "a cat",

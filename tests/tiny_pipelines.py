@@ -1,0 +1,126 @@
+"""Tiny random-weight diffusers pipelines built offline, for the real-backbone tests.
+
+No hub access: every component is built in code from a small config, tokenizers from in-memory
+vocabularies (shared/reference/offline_diffusers.md), then the pipeline is saved with
+``save_pretrained`` so tests load it back through the same path a user's folder takes. Builders are
+deterministic (seeded) and every module is put in ``eval()`` mode (a fresh T5 has dropout on).
+
+Use through the session-scoped fixtures in ``conftest.py`` (each pipeline is built once per run).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+TINY_RESOLUTION = 32
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2's 256 printable stand-ins for the bytes (the alphabet of a byte-level BPE)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return [chr(c) for c in cs]
+
+
+def tiny_clip_tokenizer():
+    """A byte-level CLIP tokenizer with no merges: 514 ids, model_max_length 77."""
+    from transformers import CLIPTokenizer
+
+    chars = _byte_chars()
+    vocab: dict[str, int] = {}
+    for c in chars:
+        vocab[c] = len(vocab)
+    for c in chars:
+        vocab[c + "</w>"] = len(vocab)
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    tok = CLIPTokenizer(vocab=vocab, merges=[])
+    tok.model_max_length = 77  # the default (1e30) overflows SD3/FLUX prompt encoding
+    return tok
+
+
+def tiny_t5_tokenizer(max_length: int = 512):
+    """A unigram T5 tokenizer over single characters."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -1.0)]
+    pieces += [(c, -2.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,'-"]
+    tok = T5Tokenizer(vocab=pieces, extra_ids=0)
+    tok.model_max_length = max_length
+    return tok
+
+
+def _clip_text_model(seed: int, projection: bool = True):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        bos_token_id=512, eos_token_id=513, pad_token_id=513, hidden_size=32, intermediate_size=37,
+        layer_norm_eps=1e-05, num_attention_heads=4, num_hidden_layers=2, vocab_size=514,
+        projection_dim=32, hidden_act="gelu", max_position_embeddings=77,
+    )
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return cls(config).eval()
+
+
+def _t5_model(seed: int):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(
+        vocab_size=64, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+    )
+    return T5EncoderModel(config).eval()
+
+
+def _autoencoder_kl(seed: int, scaling_factor: float = 1.5305, shift_factor: float = 0.0609):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4, 8),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        layers_per_block=1, latent_channels=4, norm_num_groups=1,
+        use_quant_conv=False, use_post_quant_conv=False,
+        scaling_factor=scaling_factor, shift_factor=shift_factor,
+    ).eval()
+
+
+def build_tiny_sd3(directory: str | Path, seed: int = 0):
+    """A tiny StableDiffusion3Pipeline (VAE factor 2, patch 2: resolution multiple of 4), saved to ``directory``.
+
+    Returns the in-memory pipeline (float32, eval mode). The transformer has dual-attention and
+    qk-norm layers like SD3.5-M so the LoRA targets and the dual-attention path are exercised.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
+        pooled_projection_dim=64, out_channels=4, pos_embed_max_size=16,
+        dual_attention_layers=(0,), qk_norm="rms_norm",
+    ).eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_autoencoder_kl(seed + 1),
+        text_encoder=_clip_text_model(seed + 2),
+        tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=_clip_text_model(seed + 3),
+        tokenizer_2=tiny_clip_tokenizer(),
+        text_encoder_3=_t5_model(seed + 4),
+        tokenizer_3=tiny_t5_tokenizer(),
+    )
+    pipe.save_pretrained(str(directory))
+    return pipe
