@@ -116,20 +116,25 @@ def write_headline(bench: Bench, fid: dict[str, Any] | None, cost: dict[str, Any
                 f"{f['sample_weight']['mean']:.2f}",
                 f"{c['saved_bytes_surrogate'] / 2**20:.2f}" + (" †" if c["checkpoint"] else ""),
                 f"{c['ratio_median']:.2f}",
+                *([fmt(f["cosine_true"])] if "cosine_true" in f else []),
             ]
         )
+    has_true = all("cosine_true" in frows[label] for label in labels)
     s = bench.settings
     text = "\n".join(
         [
             f"# Headline: fidelity and cost at N = {n} (digits testbed)",
             "",
-            f"cos / cos(mean) / ratio against the exact full-backprop gradient of the same loss on the same batch "
-            f"(mean ± 95% CI over {s.batches} batches of {s.batch_size}; R = {s.draws}); saved = activation MiB of "
+            "cos / cos(mean) / ratio against the exact gradient of the training objective (full backprop, "
+            "unconditional CFG branch detached) of the same loss on the same batch "
+            f"(mean ± Student-t 95% CI over {s.batches} batches of {s.batch_size}; R = {s.draws}); "
+            + ("cos (true) against the sampler's true gradient (nothing detached); " if has_true else "")
+            + "saved = activation MiB of "
             "the surrogate († gradient checkpointing: inputs only); time = training step / no-grad rollout; w = mean "
             "sample weight (similarity weights scale ‖ĝ‖ by about w).",
             "",
-            md_table(["method", "grad fwd", "depth", "cos", "cos(mean)", "‖ĝ‖/‖g‖", "w", "saved MiB", "time ×rollout"],
-                   rows),
+            md_table(["method", "grad fwd", "depth", "cos", "cos(mean)", "‖ĝ‖/‖g‖", "w", "saved MiB", "time ×rollout",
+                      *(["cos (true)"] if has_true else [])], rows),
         ]
     )
     bench.write("headline", {"num_steps": n, "labels": labels}, text)

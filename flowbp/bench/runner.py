@@ -143,9 +143,8 @@ def render(args: argparse.Namespace) -> int:
                             ("training-runs", training)) if d is not None]
     if not found:
         raise ValueError(f"--out: no bench JSON (fidelity, explosion, deviation, cost, training-runs) in {out}")
-    raw = next(d["settings"] for d in (fid, explosion, cost, training) if d is not None and "settings" in d) \
-        if any(d is not None and "settings" in d for d in (fid, explosion, cost, training)) else {}
-    ctx = ReportContext(args, settings_from_json(raw))
+    stored = [d["settings"] for d in (fid, explosion, cost, training) if d is not None and "settings" in d]
+    ctx = ReportContext(args, settings_from_json(stored[0] if stored else {}))
     ctx.log(f"rendering {', '.join(found)} from {out}")
     if fid is not None:
         if explosion is not None:
