@@ -389,7 +389,7 @@ def setup(config: TrainConfig, run_dir: Path | None = None, resume_from: Path | 
 
 
 def _restore(run: Run, path: Path) -> None:
-    meta = read_checkpoint_meta(path)
+    meta = read_checkpoint_meta(path, hashes=False)  # hashed by _open_run on the main process
     acc = run.accelerator
     if int(meta.get("world_size", 1)) != acc.num_processes:
         raise ValueError(
@@ -801,7 +801,10 @@ def _open_run(resume: str | Path) -> tuple[TrainConfig, Path, Path | None]:
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         return config, run_dir, None
-    meta = read_checkpoint_meta(ckpt)
+    import os
+
+    # every rank checks sizes; the main process (RANK 0, or a single process) also every hash
+    meta = read_checkpoint_meta(ckpt, hashes=os.environ.get("RANK", "0") == "0")
     changes = _config_changes(meta["config"], config.to_dict())
     if changes:
         raise ValueError(
