@@ -265,7 +265,7 @@ class DiffusersBackbone:
         return noise.to(self.device, torch.float32)
 
     # ------------------------------------------------------------------ sigmas
-    def scheduler_shift(self) -> float:
+    def scheduler_shift(self, num_steps: int) -> float:
         """S of σ = S·s / (1 + (S − 1)·s): the static shift, or e^μ for dynamic exponential shifting."""
         config = self.scheduler.config
         for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas"):
@@ -274,19 +274,19 @@ class DiffusersBackbone:
         if config.get("shift_terminal", None):
             raise ValueError("scheduler: shift_terminal is not supported (the training grid ends at shift(1/N))")
         if config.get("use_dynamic_shifting", False):
-            mu = self.dynamic_mu()
+            mu = self.dynamic_mu(num_steps)
             if config.get("time_shift_type", "exponential") == "linear":
                 return float(mu)
             return math.exp(mu)
         return float(config.get("shift", 1.0))
 
-    def dynamic_mu(self) -> float:
-        """μ for dynamic shifting; families with dynamic shifting override (FLUX: from the sequence length)."""
+    def dynamic_mu(self, num_steps: int) -> float:
+        """μ for dynamic shifting; families override (FLUX.1: from the sequence length; FLUX.2: also from N)."""
         raise ValueError(f"scheduler: dynamic shifting is not supported by the {self.name} backbone")
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """The paper's grid: ``linspace(1, 1/N, N)`` shifted by the scheduler's shift, then 0 (float64)."""
-        return training_sigmas(num_steps, self.scheduler_shift())
+        return training_sigmas(num_steps, self.scheduler_shift(num_steps))
 
     def pipeline_sigmas(self, num_steps: int) -> list[float]:
         """What to pass to the pipeline's ``sigmas=`` to get :meth:`sigmas` (without the final 0)."""
