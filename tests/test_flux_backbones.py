@@ -55,8 +55,9 @@ def _pipeline_images(bb, pipe, x0: torch.Tensor, guidance: float) -> torch.Tenso
     ).images
 
 
-def _flowbp_images(bb, x0: torch.Tensor, guidance: float) -> torch.Tensor:
-    traj = rollout(bb.velocity_fn(bb.encode_prompts(PROMPTS), guidance), x0, bb.sigmas(STEPS))
+def _flowbp_images(bb, x0: torch.Tensor, guidance: float, detach_uncond: bool = False) -> torch.Tensor:
+    velocity = bb.velocity_fn(bb.encode_prompts(PROMPTS), guidance, detach_uncond=detach_uncond)
+    traj = rollout(velocity, x0, bb.sigmas(STEPS))
     with torch.no_grad():
         return bb.decode(traj.sample)
 
@@ -114,8 +115,8 @@ def test_rollout_reproduces_the_pipeline(name: str, folders: dict[str, Path]) ->
     packed = x0 if name == "flux1" else pipe._pack_latents(x0)
     assert torch.equal(packed, own)
 
-    for guidance in (3.0, 5.5):
-        ours = _flowbp_images(bb, x0, guidance)
+    for guidance, detach in ((3.0, False), (5.5, True)):  # (Klein: batched CFG, then separate no-grad uncond)
+        ours = _flowbp_images(bb, x0, guidance, detach)
         ref = _pipeline_images(bb, pipe, x0, guidance)
         assert ours.shape == ref.shape == (2, 3, R, R)
         assert (ours - ref).abs().max().item() <= 1e-5
@@ -123,26 +124,46 @@ def test_rollout_reproduces_the_pipeline(name: str, folders: dict[str, Path]) ->
 
 
 def test_klein_cfg_batched_detached_and_skipped(folders: dict[str, Path]) -> None:
-    """One batched cond+uncond call; detaching v_u leaves values unchanged; g = 1 runs cond only."""
-    bb = _load("flux2-klein", folders["flux2-klein"], R)
+    """CFG: one batched call; detached: a separate no-grad negative call (half the saved activations,
+    same values, same gradient w.r.t. the LoRA as detaching the batched output); g = 1: cond only."""
+    from flowbp.memory import saved_tensor_bytes
+
+    bb = _load("flux2-klein", folders["flux2-klein"])
+    torch.manual_seed(0)
+    bb.add_lora(2)
+    with torch.no_grad():
+        for n, p in bb.transformer.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
     cond = bb.encode_prompts(PROMPTS)
     x = bb.initial_noise(2, torch.Generator().manual_seed(1))
     calls: list[int] = []
     hook = bb.transformer.register_forward_hook(
         lambda m, a, kw, out: calls.append(kw["hidden_states"].shape[0]), with_kwargs=True
     )
+    params = list(bb.trainable_parameters())
     try:
-        v = bb.velocity_fn(cond, 4.0)(x, 0.7)
-        v_detached = bb.velocity_fn(cond, 4.0, detach_uncond=True)(x, 0.7)
-        v_c = bb.velocity_fn(cond, 1.0)(x, 0.7)
+        with saved_tensor_bytes(params) as batched_mem:
+            v = bb.velocity_fn(cond, 4.0)(x, 0.7)
+        with saved_tensor_bytes(params) as detached_mem:
+            v_detached = bb.velocity_fn(cond, 4.0, detach_uncond=True)(x, 0.7)
+        with torch.no_grad():
+            v_c = bb.velocity_fn(cond, 1.0)(x, 0.7)
     finally:
         hook.remove()
-    assert calls == [4, 4, 2]
-    assert torch.equal(v, v_detached)
+    assert calls == [4, 2, 2, 2]
+    torch.testing.assert_close(v, v_detached, rtol=1e-6, atol=1e-6)
+    assert detached_mem.total < 0.6 * batched_mem.total
+    # the gradient of the detached form equals that of detaching v_u inside the batched call
+    grad_detached = torch.autograd.grad(v_detached.square().sum(), params)
+    v_u_only = bb.velocity_fn(bb.encode_prompts(["", ""]), 1.0)
+    v_ref = v_u_only(x, 0.7).detach() + 4.0 * (bb.velocity_fn(cond, 1.0)(x, 0.7) - v_u_only(x, 0.7).detach())
+    for a, b in zip(grad_detached, torch.autograd.grad(v_ref.square().sum(), params), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     # v = v_u + g (v_c − v_u) with v_u the empty prompt's velocity
-    uncond = bb.encode_prompts(["", ""])
-    v_u = bb.velocity_fn(uncond, 1.0)(x, 0.7)
-    torch.testing.assert_close(v, v_u + 4.0 * (v_c - v_u), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        v_u = v_u_only(x, 0.7)
+    torch.testing.assert_close(v.detach(), v_u + 4.0 * (v_c - v_u), rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------- gradients

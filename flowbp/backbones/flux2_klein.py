@@ -4,8 +4,9 @@ What is FLUX.2-Klein-specific, each mirroring ``diffusers.Flux2KleinPipeline.__c
 rollout reproduces the pipeline (a test checks it to 1e-5):
 
 - real classifier-free guidance ``v = v_u + g (v_c − v_u)`` with the empty prompt ``""`` as the
-  negative (default g = 4.0, the paper's), here as one batched call over cond + uncond, with the
-  option to detach the unconditional branch (the paper's trainers do); a distilled checkpoint
+  negative (default g = 4.0, the paper's): one batched call over cond + uncond, or, with the
+  unconditional branch detached (the paper's trainers), a separate no-grad call for it so that
+  a grad forward holds the activations of one branch only; a distilled checkpoint
   (``is_distilled`` in ``model_index.json``) runs no CFG, like the pipeline;
 - prompt embeddings are the Qwen3 hidden states at ``text_encoder_out_layers`` (default 9, 18, 27)
   stacked per token, from the chat-templated prompt padded to 512 tokens;
@@ -103,18 +104,21 @@ class Flux2KleinBackbone(PackedLatentsMixin, DiffusersBackbone):
     ) -> VelocityFn:
         """``velocity(x, σ)`` with real CFG ``v_u + g (v_c − v_u)`` on the patchified layout.
 
-        x is packed to tokens (B, HW, C) for the transformer and the output unpacked back. With
-        ``g > 1`` (and a non-distilled model) cond and uncond run as one batched call;
-        ``detach_uncond`` stops the gradient through v_u (the paper's trainers run it without grad).
-        ``g = 1`` skips the negative branch, like the pipeline.
+        x is packed to tokens (B, HW, C) for the transformer and the output unpacked back. ``g = 1``
+        (or a distilled model) skips the negative branch, like the pipeline. With CFG:
+
+        - ``detach_uncond=False``: cond and uncond run as one batched call, both with gradient;
+        - ``detach_uncond=True`` (the paper's trainers): the negative branch runs as its own call under
+          ``no_grad``, so a grad forward keeps the activations of the conditional half only (half the
+          memory of a batched call whose uncond output is merely detached). The rollout uses the same
+          two calls, so cached and re-forwarded velocities agree bit for bit.
         """
         from diffusers import Flux2KleinPipeline
 
         g = self.default_guidance_scale if guidance_scale is None else float(guidance_scale)
         cfg = g > 1.0 and not self.is_distilled and condition.negative is not None
         rows, cols = self.token_grid
-        probe = torch.empty(1, 1, rows, cols)
-        img_ids = Flux2KleinPipeline._prepare_latent_ids(probe).to(self.device)  # (1, HW, 4) int64
+        img_ids = Flux2KleinPipeline._prepare_latent_ids(torch.empty(1, 1, rows, cols)).to(self.device)  # int64
 
         def call(tokens: torch.Tensor, sigma: float, cond: dict[str, torch.Tensor]) -> torch.Tensor:
             t = torch.tensor(float(sigma), dtype=torch.float32, device=tokens.device) * 1000
@@ -131,15 +135,18 @@ class Flux2KleinBackbone(PackedLatentsMixin, DiffusersBackbone):
             batch = x.shape[0]
             tokens = Flux2KleinPipeline._pack_latents(self.model_input(x))  # (B, HW, C)
             pos = {k: expand_batch(v, batch) for k, v in condition.tensors.items()}
-            if cfg:
-                neg = {k: expand_batch(v, batch) for k, v in condition.negative.items()}
-                both = {k: torch.cat([pos[k], neg[k]]) for k in pos}
-                v_c, v_u = call(torch.cat([tokens, tokens]), sigma, both).chunk(2)
-                if detach_uncond:
-                    v_u = v_u.detach()
-                v = v_u + g * (v_c - v_u)
-            else:
+            if not cfg:
                 v = call(tokens, sigma, pos)
+            else:
+                neg = {k: expand_batch(v, batch) for k, v in condition.negative.items()}
+                if detach_uncond:
+                    v_c = call(tokens, sigma, pos)
+                    with torch.no_grad():
+                        v_u = call(tokens.detach(), sigma, neg)
+                else:
+                    both = {k: torch.cat([pos[k], neg[k]]) for k in pos}
+                    v_c, v_u = call(torch.cat([tokens, tokens]), sigma, both).chunk(2)
+                v = v_u + g * (v_c - v_u)
             return v.transpose(1, 2).reshape(x.shape).to(x.dtype)
 
         return velocity
