@@ -13,6 +13,8 @@ COMMANDS = (
     "flowbp.commands.train",
     "flowbp.commands.sample",
     "flowbp.commands.bench",
+    "flowbp.commands.eval",
+    "flowbp.commands.convert_reward",
 )
 
 

@@ -37,6 +37,9 @@ class TrainConfig:
     method_args: dict[str, Any] = field(default_factory=dict)  # overrides of the method's parameters
     # a reward spec: "name", "a+0.5*b" or a mapping; default: the digits preference-style trade-off
     reward: str = "digit-alignment+5*digit-contrast"
+    # reward name -> weights location (file or folder) for real reward models, e.g. {hpsv2: /ckpt/hps};
+    # unlisted rewards use $FLOWBP_REWARD_DIR/<name> or the hub cache (see README, Rewards)
+    reward_paths: dict[str, str] = field(default_factory=dict)
     prompts: list[str] | None = None  # training prompts; None: the backbone's prompt set
     prompts_file: str | None = None  # one prompt per line (overrides `prompts`)
     # --- sampling
@@ -69,10 +72,13 @@ class TrainConfig:
     plan_seed: int = 114
     # --- evaluation, logging, outputs
     eval_samples_per_prompt: int = 20
-    eval_prompts_file: str | None = None  # None: the backbone's evaluation set (HPDv2 test, 400, for real ones)
+    eval_prompts_file: str | None = None  # None: digits prompts / the 400 HPDv2 test prompts for real backbones
     eval_max_prompts: int | None = None  # use only the first N evaluation prompts
     eval_seed: int = 2024
     eval_batch_size: int = 128  # samples per evaluation / grid rollout batch
+    # periodic held-out evaluation (flowbp.evaluate.periodic_eval), the same code as `flowbp eval`:
+    eval_every: int = 0  # evaluate every N steps (0: off)
+    eval_metrics: list[str] | None = None  # None: the training reward + the backbone's held-out metrics
     sample_every: int = 50  # sample grid every N steps (0: only at start and end)
     checkpoint_every: int = 50  # 0: only at the end
     output_dir: str | None = None  # None: runs/<backbone>-<method>-<timestamp>
@@ -87,7 +93,7 @@ class TrainConfig:
         for name in positive_ints:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("sample_every", "checkpoint_every"):
+        for name in ("sample_every", "checkpoint_every", "eval_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not self.learning_rate > 0:
@@ -104,6 +110,9 @@ class TrainConfig:
             raise ValueError(f"resolution: must be >= 1 (or null for the backbone's default), got {self.resolution}")
         if self.eval_max_prompts is not None and self.eval_max_prompts < 1:
             raise ValueError(f"eval_max_prompts: must be >= 1 (or null for all), got {self.eval_max_prompts}")
+        for name, value in self.reward_paths.items():
+            if not Path(value).expanduser().exists():
+                raise ValueError(f"reward_paths.{name}: file or directory not found: {value}")
         for name in ("prompts_file", "eval_prompts_file"):
             value = getattr(self, name)
             if value is not None and not Path(value).is_file():
@@ -159,6 +168,18 @@ def validate_against_components(config: TrainConfig) -> None:
         parse_reward_spec(config.reward)
     except ValueError as exc:
         raise ValueError(f"reward: {exc}") from exc
+    if config.reward_paths:
+        try:
+            parse_reward_spec(dict.fromkeys(config.reward_paths, 1.0))
+        except ValueError as exc:
+            raise ValueError(f"reward_paths: {exc}") from exc
+    if config.eval_metrics is not None:
+        from flowbp.evaluate import parse_metrics
+
+        try:
+            parse_metrics(config.eval_metrics)
+        except ValueError as exc:
+            raise ValueError(f"eval_metrics: {str(exc).removeprefix('--metrics: ')}") from exc
     # Draw one plan on the training grid of the configured length: catches unknown methods, unknown or
     # mistyped overrides and K larger than the number of steps before any output exists.
     try:

@@ -18,6 +18,17 @@ class SavedBytes:
     _seen: set[tuple[int, int]] = field(default_factory=set, repr=False)
 
 
+def storage_key(t: torch.Tensor) -> tuple[int, int]:
+    """Identity of a tensor's storage: its address and device (a view shares its base's key).
+
+    Meta tensors (the ``--dry-run`` estimates) have no address; their storage object's identity is used.
+    """
+    storage = t.untyped_storage()
+    if t.device.type == "meta":
+        return (storage._cdata, -2)
+    return (storage.data_ptr(), t.device.index or 0)
+
+
 @contextmanager
 def saved_tensor_bytes(exclude: Iterable[torch.Tensor] = ()) -> Iterator[SavedBytes]:
     """Count the bytes autograd saves for backward inside the block.
@@ -27,14 +38,13 @@ def saved_tensor_bytes(exclude: Iterable[torch.Tensor] = ()) -> Iterator[SavedBy
     the surrogate. Exact and repeatable on CPU, unlike allocator statistics.
     """
     meter = SavedBytes()
-    skip = {(t.untyped_storage().data_ptr(), t.device.index or 0) for t in exclude}
+    skip = {storage_key(t) for t in exclude}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        key = (storage.data_ptr(), t.device.index or 0)
+        key = storage_key(t)
         if key not in skip and key not in meter._seen:
             meter._seen.add(key)
-            meter.total += storage.nbytes()
+            meter.total += t.untyped_storage().nbytes()
             meter.tensors += 1
         return t
 

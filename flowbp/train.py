@@ -22,7 +22,7 @@ import torch
 from flowbp.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from flowbp.config import TrainConfig, load_config, save_config, validate_against_components
 from flowbp.engine import surrogate
-from flowbp.evaluate import EvalResult, evaluate
+from flowbp.evaluate import EvalResult, evaluate, periodic_eval
 from flowbp.images import plot_curves, save_grid
 from flowbp.losses import reward_loss
 from flowbp.methods import make_plan
@@ -113,7 +113,7 @@ def setup(config: TrainConfig, run_dir: Path | None = None, resume: bool = False
         raise ValueError("device: 'cuda' requested but no CUDA device is available")
     accelerator = Accelerator(cpu=cpu, mixed_precision=config.mixed_precision)
     backbone = backbone_from_config(config, accelerator.device)
-    reward = load_reward(config.reward).to(accelerator.device)
+    reward = load_reward(config.reward, paths=config.reward_paths).to(accelerator.device)
     reward.requires_grad_(False)
     prompts = _read_prompts(config, backbone)
     backbone.encode_prompts(prompts[:1] + prompts[-1:])  # fail early on prompts the backbone cannot encode
@@ -378,6 +378,8 @@ def train(
             reward=f"{sum(h['reward'] for h in recent) / len(recent):.4f}",
             loss=f"{sum(h['loss'] for h in recent) / len(recent):.4f}",
         )
+        if c.eval_every and run.step % c.eval_every == 0:
+            record["eval"] = periodic_eval(run)  # the held-out evaluation of `flowbp eval`, into history.json
         if c.sample_every and run.step % c.sample_every == 0 and run.step < c.steps:
             _save_grid(run, f"step-{run.step:06d}")
         if c.checkpoint_every and run.step % c.checkpoint_every == 0 and run.step < c.steps:

@@ -12,6 +12,7 @@ import torch
 from flowbp.backbones import Backbone, load_backbone
 from flowbp.cli import main
 from flowbp.engine import surrogate
+from flowbp.memory import saved_tensor_bytes
 from flowbp.methods import available_methods, make_plan
 from flowbp.rewards import load_reward
 from flowbp.trajectory import rollout
@@ -79,14 +80,18 @@ def test_detach_negative_only_changes_the_gradient(tiny_sd3_dir: Path) -> None:
     x = bb.initial_noise(1, torch.Generator().manual_seed(0))
     param = bb.transformer.proj_out.weight
     param.requires_grad_(True)
-    grads, values = [], []
+    grads, values, saved = [], [], []
     for detach in (False, True):
-        v = bb.velocity_fn(cond, 3.5, detach_uncond=detach)(x, 0.7)
+        with saved_tensor_bytes(exclude=list(bb.transformer.parameters())) as meter:
+            v = bb.velocity_fn(cond, 3.5, detach_uncond=detach)(x, 0.7)
         (g,) = torch.autograd.grad(v.square().sum(), param)
         grads.append(g)
         values.append(v.detach())
-    assert torch.equal(values[0], values[1])
+        saved.append(meter.total)
+    assert torch.allclose(values[0], values[1], atol=1e-6)
     assert not torch.allclose(grads[0], grads[1])
+    # the detached negative branch runs without autograd: its activations are not kept
+    assert saved[1] < 0.6 * saved[0]
 
 
 @pytest.mark.parametrize("method", available_methods())
@@ -201,3 +206,30 @@ def test_bad_input_is_one_line_and_writes_nothing(
     assert message.format(p=path) in err, err
     assert err.count("\n") == 1
     assert not out.exists()
+
+
+def test_bf16_base_keeps_fp32_lora(tiny_sd3_dir: Path) -> None:
+    bb = load_backbone("sd3", path=str(tiny_sd3_dir), resolution=32, dtype=torch.bfloat16)
+    bb.add_lora(4)
+    assert {p.dtype for p in bb.trainable_parameters()} == {torch.float32}
+    assert bb.transformer.proj_out.weight.dtype == torch.bfloat16
+    velocity = bb.velocity_fn(bb.encode_prompts(PROMPTS), 3.5, detach_uncond=True)
+    v = velocity(bb.initial_noise(2, torch.Generator().manual_seed(0)), 0.5)
+    assert v.dtype == torch.float32 and torch.isfinite(v).all()
+    v.square().mean().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in bb.trainable_parameters())
+
+
+def test_hub_id_resolves_from_the_local_cache_only(tiny_sd3_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--tiny-sd3"
+    shutil.copytree(tiny_sd3_dir, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    bb = load_backbone("sd3", path="someone/tiny-sd3", resolution=32)
+    assert bb.latent_shape(1) == (1, 4, 16, 16)
+    with pytest.raises(ValueError, match=r"backbone_path: cannot find someone/absent \(not in the local hub cache"):
+        load_backbone("sd3", path="someone/absent", resolution=32)

@@ -14,6 +14,11 @@ def run(args: argparse.Namespace) -> int:
     overrides = parse_overrides(args.set)
     if args.output_dir is not None:
         overrides["output_dir"] = args.output_dir
+    if args.dry_run:  # memory estimate of the full-size architecture on the meta device; nothing is written
+        from flowbp.dryrun import estimate_config
+
+        print(estimate_config(load_config(args.config, overrides)).report())
+        return 0
     if args.resume is not None:
         if args.config is not None or overrides:
             raise ValueError("--resume: takes the run's saved config.yaml; do not combine it with --config/--set")
@@ -44,4 +49,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--output-dir", help="run directory (must not exist or be empty)")
     p.add_argument("--resume", metavar="RUN_DIR", help="resume a run from its latest checkpoint")
     p.add_argument("--json", action="store_true", help="also print the whole summary as JSON")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="estimate parameters and peak memory of the full-size model (meta device: no weights, nothing written)",
+    )
     p.set_defaults(func=run)

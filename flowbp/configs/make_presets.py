@@ -129,6 +129,7 @@ def preset(prefix: str, method: str) -> tuple[dict[str, Any], str]:
         "mixed_precision": "bf16",
         "dtype": "auto",
         "gradient_checkpointing": True,
+        "eval_every": 50,  # the paper evaluates on the 400 HPDv2 test prompts every 50 steps
         "eval_samples_per_prompt": 1,
         "eval_seed": 42,
         "eval_batch_size": 8,

@@ -13,20 +13,43 @@ with respect to the images, as an ``nn.Module`` with frozen parameters.
 
 A single name with weight 1 returns that reward itself; anything else a
 :class:`~flowbp.rewards.digits.CombinedReward` whose ``parts()`` exposes each term for logging.
+
+Real reward models (``pickscore``, ``clipscore``, ``hpsv2``, ``imagereward``, ``aesthetic``) load
+their weights from ``path=`` / ``paths={name: path}``, ``$FLOWBP_REWARD_DIR/<name>`` or the hub
+cache, never downloading unless ``allow_download=True`` (see :mod:`flowbp.rewards.weights`).
+Their modules are imported lazily so the digits testbed never pays for transformers' import.
 """
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from flowbp.rewards.digits import DIGIT_REWARDS, CombinedReward, combine
 
-#: Every registered reward name -> constructor. Other modules (hpsv2, pickscore, …) add to it.
-REWARDS: dict[str, Any] = dict(DIGIT_REWARDS)
+
+def _lazy(module: str, function: str) -> Any:
+    def build(**kwargs: Any) -> nn.Module:
+        return getattr(importlib.import_module(module), function)(**kwargs)
+
+    build.__name__ = function
+    return build
+
+
+#: Every registered reward name -> constructor(path=None, allow_download=False, dtype=None, **ignored).
+REWARDS: dict[str, Any] = {
+    **DIGIT_REWARDS,
+    "pickscore": _lazy("flowbp.rewards.clip", "load_pickscore"),
+    "clipscore": _lazy("flowbp.rewards.clip", "load_clipscore"),
+    "hpsv2": _lazy("flowbp.rewards.clip", "load_hpsv2"),
+    "aesthetic": _lazy("flowbp.rewards.clip", "load_aesthetic"),
+    "imagereward": _lazy("flowbp.rewards.imagereward", "load_imagereward"),
+}
 
 # One term: optional sign, optional "weight*", a name. Hyphens inside a name must be followed by a
 # letter, so "a-0.5*b" reads as a minus 0.5 b while "digit-alignment" stays one name.
@@ -66,12 +89,31 @@ def parse_reward_spec(spec: str | Mapping[str, float]) -> dict[str, float]:
     return weights
 
 
-def load_reward(spec: str | Mapping[str, float], **kwargs: Any) -> nn.Module:
-    """Build the reward described by ``spec``; ``kwargs`` (e.g. ``path=``) go to each constructor."""
+def load_reward(
+    spec: str | Mapping[str, float],
+    path: str | Path | None = None,
+    paths: Mapping[str, str | Path] | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build the reward described by ``spec``.
+
+    ``paths`` maps reward names to their weight locations (the config's ``reward_paths``); ``path``
+    is the location of a single reward (or of every reward without an entry in ``paths``). Other
+    ``kwargs`` (``allow_download``, ``dtype``) go to each constructor.
+    """
     weights = parse_reward_spec(spec)
+    paths = dict(paths or {})
+    unknown = sorted(set(paths) - set(REWARDS))
+    if unknown:
+        raise ValueError(f"reward_paths: unknown reward(s) {unknown}; known rewards: {', '.join(available_rewards())}")
+
+    def build(name: str) -> nn.Module:
+        location = paths.get(name, path)
+        return REWARDS[name](**({"path": location} if location is not None else {}), **kwargs)
+
     if len(weights) == 1 and next(iter(weights.values())) == 1.0:
-        return REWARDS[next(iter(weights))](**kwargs)
-    return combine({name: REWARDS[name](**kwargs) for name in weights}, weights)
+        return build(next(iter(weights)))
+    return combine({name: build(name) for name in weights}, weights)
 
 
 __all__ = ["REWARDS", "CombinedReward", "available_rewards", "combine", "load_reward", "parse_reward_spec"]

@@ -149,7 +149,7 @@ def combine(rewards: dict[str, nn.Module], weights: dict[str, float] | None = No
 
 #: Name -> constructor(**kwargs). Kwargs: ``path`` (assets directory) for classifier rewards.
 DIGIT_REWARDS: dict[str, Any] = {
-    "digit-alignment": DigitAlignmentReward,
+    "digit-alignment": lambda path=None, **_: DigitAlignmentReward(path),
     "digit-contrast": lambda **_: DigitContrastReward(),
     "digit-ink": lambda **_: DigitInkReward(),
 }

@@ -1,0 +1,468 @@
+"""Memory before money: estimate a real-backbone training step's peak memory without any weights.
+
+``flowbp train ... --dry-run`` builds the full-size transformer (and VAE) of the configured backbone
+from its published config on the ``meta`` device (shapes only: no weights, no memory, no download),
+runs one gradient forward at the configured resolution, batch and dtype under the saved-tensor meter
+(:mod:`flowbp.memory`), and adds up
+
+    peak ≈ weights + gradients + AdamW + EMA                       (trainable parameters in fp32)
+         + grad forwards of the method × bytes saved by one forward
+         + reward inputs × bytes saved by one differentiable VAE decode
+
+Transformer gradient checkpointing is accounted for: the checkpointed blocks keep only their inputs,
+and one block's activations are rebuilt at a time in backward. Not included: the reward model (its
+weights and activations; HPSv2's ViT-H adds a few GB), the text encoders (they leave the accelerator
+after encoding), the allocator's fragmentation and CUDA workspaces. Treat the figure as a floor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from flowbp.memory import saved_tensor_bytes, storage_key
+
+GiB = 1024**3
+_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
+
+
+def _vae_kl_config(latent_channels: int, scaling: float, shift: float) -> dict[str, Any]:
+    return {
+        "in_channels": 3, "out_channels": 3, "latent_channels": latent_channels,
+        "down_block_types": ["DownEncoderBlock2D"] * 4, "up_block_types": ["UpDecoderBlock2D"] * 4,
+        "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2, "norm_num_groups": 32,
+        "use_quant_conv": False, "use_post_quant_conv": False, "scaling_factor": scaling, "shift_factor": shift,
+    }
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A full-size published architecture (shared/reference/backbone_configs.md §1–§2, §4, §6)."""
+
+    backbone: str
+    title: str
+    transformer_class: str
+    transformer_config: dict[str, Any]
+    vae_class: str
+    vae_config: dict[str, Any]
+    vae_latent_channels: int
+    text_len: int  # tokens at the paper's max_sequence_length (512)
+    lora_targets: tuple[str, ...] | str
+    #: (batch, resolution, text_len, dtype, device) -> transformer kwargs of one call
+    make_inputs: Callable[[int, int, int, torch.dtype, torch.device], dict[str, Any]]
+    #: real CFG with a negative branch; it carries activations only when not detached (a detached
+    #: negative branch runs as its own no-grad call in the adapters, as in the paper's trainers)
+    real_cfg: bool
+    vae_factor: int = 8
+
+
+def _sd3_inputs(batch: int, res: int, text_len: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    side = res // 8
+    return {
+        "hidden_states": torch.empty(batch, 16, side, side, dtype=dtype, device=device),
+        "encoder_hidden_states": torch.empty(batch, text_len, 4096, dtype=dtype, device=device),
+        "pooled_projections": torch.empty(batch, 2048, dtype=dtype, device=device),
+        "timestep": torch.empty(batch, dtype=torch.float32, device=device),
+    }
+
+
+def _flux1_inputs(batch: int, res: int, text_len: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    tokens = (res // 16) ** 2  # packed 2×2 latents: (B, (H/16)(W/16), 64)
+    return {
+        "hidden_states": torch.empty(batch, tokens, 64, dtype=dtype, device=device),
+        "encoder_hidden_states": torch.empty(batch, text_len, 4096, dtype=dtype, device=device),
+        "pooled_projections": torch.empty(batch, 768, dtype=dtype, device=device),
+        "timestep": torch.empty(batch, dtype=dtype, device=device),
+        "img_ids": torch.empty(tokens, 3, dtype=dtype, device=device),
+        "txt_ids": torch.empty(text_len, 3, dtype=dtype, device=device),
+        "guidance": torch.empty(batch, dtype=torch.float32, device=device),
+    }
+
+
+def _klein_inputs(batch: int, res: int, text_len: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    tokens = (res // 16) ** 2  # patchified latents (B, 128, H/16, W/16), packed by the pipeline to (B, L, 128)
+    return {
+        "hidden_states": torch.empty(batch, tokens, 128, dtype=dtype, device=device),
+        "encoder_hidden_states": torch.empty(batch, text_len, 12288, dtype=dtype, device=device),
+        "timestep": torch.empty(batch, dtype=dtype, device=device),
+        "img_ids": torch.empty(batch, tokens, 4, dtype=torch.int64, device=device),
+        "txt_ids": torch.empty(batch, text_len, 4, dtype=torch.int64, device=device),
+    }
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "sd3": Architecture(
+        backbone="sd3",
+        title="SD3.5-Medium",
+        transformer_class="SD3Transformer2DModel",
+        transformer_config={
+            "sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 24, "attention_head_dim": 64,
+            "num_attention_heads": 24, "joint_attention_dim": 4096, "caption_projection_dim": 1536,
+            "pooled_projection_dim": 2048, "out_channels": 16, "pos_embed_max_size": 384,
+            "dual_attention_layers": tuple(range(13)), "qk_norm": "rms_norm",
+        },
+        vae_class="AutoencoderKL",
+        vae_config=_vae_kl_config(16, 1.5305, 0.0609),
+        vae_latent_channels=16,
+        text_len=77 + 512,
+        lora_targets=(
+            "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+            "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+        ),
+        make_inputs=_sd3_inputs,
+        real_cfg=True,
+    ),
+    "flux1": Architecture(
+        backbone="flux1",
+        title="FLUX.1-dev",
+        transformer_class="FluxTransformer2DModel",
+        transformer_config={
+            "patch_size": 1, "in_channels": 64, "out_channels": None, "num_layers": 19, "num_single_layers": 38,
+            "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
+            "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": (16, 56, 56),
+        },
+        vae_class="AutoencoderKL",
+        vae_config=_vae_kl_config(16, 0.3611, 0.1159),
+        vae_latent_channels=16,
+        text_len=512,
+        lora_targets=(
+            "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
+            "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
+            "ff_context.net.2",
+        ),
+        make_inputs=_flux1_inputs,
+        real_cfg=False,  # guidance-distilled: no negative branch
+    ),
+    "flux2-klein": Architecture(
+        backbone="flux2-klein",
+        title="FLUX.2-Klein-base-9B",
+        transformer_class="Flux2Transformer2DModel",
+        transformer_config={
+            "patch_size": 1, "in_channels": 128, "out_channels": None, "num_layers": 8, "num_single_layers": 24,
+            "attention_head_dim": 128, "num_attention_heads": 32, "joint_attention_dim": 12288,
+            "timestep_guidance_channels": 256, "mlp_ratio": 3.0, "axes_dims_rope": (32, 32, 32, 32),
+            "rope_theta": 2000, "eps": 1e-6, "guidance_embeds": False,
+        },
+        vae_class="AutoencoderKLFlux2",
+        vae_config={"latent_channels": 32},
+        vae_latent_channels=32,
+        text_len=512,
+        lora_targets=(
+            r".*(single_transformer_blocks\.\d+\.attn\.to_out|\.(to_q|to_k|to_v|to_out\.0|to_qkv_mlp_proj))$"
+        ),
+        make_inputs=_klein_inputs,
+        real_cfg=True,
+    ),
+}
+
+
+class _FlashAttentionShapes(torch.autograd.Function):
+    """Scaled-dot-product attention on meta tensors saving what the fused kernels save.
+
+    On meta tensors PyTorch decomposes attention into the math path, which saves the B×H×L×L score
+    matrix; the flash / memory-efficient kernels used on GPUs (and the CPU flash kernel) keep only
+    q, k, v, the output and a float32 log-sum-exp per query.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        out = q.new_empty((*q.shape[:-1], v.shape[-1]))
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@contextlib.contextmanager
+def fused_attention_on_meta() -> Iterator[None]:
+    """Route meta-tensor attention through :class:`_FlashAttentionShapes` (real tensors are untouched)."""
+    import torch.nn.functional as F
+
+    original = F.scaled_dot_product_attention
+
+    def sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if query.device.type != "meta":
+            return original(query, key, value, *args, **kwargs)
+        return _FlashAttentionShapes.apply(query, key, value)
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def build_meta(cls_name: str, config: dict[str, Any], dtype: torch.dtype) -> nn.Module:
+    """Instantiate a diffusers model on the meta device (shapes only, no memory)."""
+    import diffusers
+
+    cls = getattr(diffusers, cls_name)
+    with torch.device("meta"):
+        model = cls(**config)
+    if dtype != torch.float32:
+        for p in model.parameters():
+            p.data = p.data.to(dtype)
+    return model.eval()
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The blocks diffusers checkpoints under ``enable_gradient_checkpointing``."""
+    out: list[nn.Module] = []
+    for name in ("transformer_blocks", "single_transformer_blocks"):
+        blocks = getattr(model, name, None)
+        if isinstance(blocks, nn.ModuleList):
+            out.extend(blocks)
+    return out
+
+
+@contextlib.contextmanager
+def _block_probe(model: nn.Module, exclude: set[tuple[int, int]]) -> Iterator[dict[str, int]]:
+    """Record the distinct bytes of the tensor inputs of every block call (what a checkpointed block keeps)."""
+    stats = {"inputs": 0}
+    seen: set[tuple[int, int]] = set(exclude)
+
+    def pre(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        for value in (*args, *kwargs.values()):
+            for t in value if isinstance(value, tuple | list) else (value,):
+                if isinstance(t, torch.Tensor) and storage_key(t) not in seen:
+                    seen.add(storage_key(t))
+                    stats["inputs"] += t.untyped_storage().nbytes()
+
+    handles = [b.register_forward_pre_hook(pre, with_kwargs=True) for b in _blocks(model)]
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _max_block_bytes(model: nn.Module, exclude: list[torch.Tensor], call: Callable[[], Any]) -> int:
+    """Largest activation footprint of one block (what backward rebuilds at once under checkpointing)."""
+    deltas: list[int] = []
+    with saved_tensor_bytes(exclude=exclude) as meter:
+        start: dict[int, int] = {}
+
+        def pre(module: nn.Module, *_: Any) -> None:
+            start[id(module)] = meter.total
+
+        def post(module: nn.Module, *_: Any) -> None:
+            deltas.append(meter.total - start[id(module)])
+
+        handles = [h for b in _blocks(model) for h in (b.register_forward_pre_hook(pre), b.register_forward_hook(post))]
+        try:
+            call()
+        finally:
+            for h in handles:
+                h.remove()
+    return max(deltas, default=0)
+
+
+def forward_saved_bytes(model: nn.Module, inputs: dict[str, Any], checkpointing: bool) -> int:
+    """Bytes autograd keeps for one gradient forward of ``model`` (meta or real tensors).
+
+    Without checkpointing: the saved-tensor meter over the call. With checkpointing (diffusers'
+    non-reentrant block checkpointing): what the meter sees outside the blocks + every block's
+    inputs (kept for the recomputation) + the largest single block (rebuilt in backward).
+    """
+    params = list(model.parameters())
+    skip = {storage_key(p) for p in params}
+
+    def call() -> Any:
+        with fused_attention_on_meta():
+            return model(**inputs, return_dict=False)[0]
+
+    if not checkpointing:
+        with saved_tensor_bytes(exclude=params) as meter:
+            call()
+        return meter.total
+    was = getattr(model, "gradient_checkpointing", False)
+    model.disable_gradient_checkpointing()
+    largest = _max_block_bytes(model, params, call)
+    model.enable_gradient_checkpointing()
+    try:
+        with saved_tensor_bytes(exclude=params) as meter, _block_probe(model, skip) as probe:
+            call()
+    finally:
+        if not was:
+            model.disable_gradient_checkpointing()
+    return meter.total + probe["inputs"] + largest
+
+
+def decode_saved_bytes(vae: nn.Module, latents: torch.Tensor, checkpointing: bool) -> int:
+    """Bytes kept by one differentiable VAE decode (gradient flows to the latents only)."""
+    if checkpointing:
+        vae.enable_gradient_checkpointing()
+    latents = latents.detach().requires_grad_(True)
+    with saved_tensor_bytes(exclude=list(vae.parameters())) as meter, fused_attention_on_meta():
+        vae.decode(latents, return_dict=False)
+    if checkpointing:
+        vae.disable_gradient_checkpointing()
+    return meter.total
+
+
+@dataclass
+class Estimate:
+    backbone: str
+    title: str
+    method: str
+    finetune: str
+    resolution: int
+    batch_size: int
+    dtype: str
+    parameters: int
+    trainable: int
+    forward_bytes: int  # one gradient forward (with the CFG branch it carries)
+    decode_bytes: int  # one differentiable VAE decode of the batch
+    grad_forwards: int  # worst case over plan draws
+    reward_inputs: int
+    checkpointed_plan: bool  # AlignProp-style per-call checkpointing
+    weights_bytes: int
+    optimizer_bytes: int  # gradients + AdamW moments (+ EMA copy)
+    latent_bytes: int
+
+    @property
+    def activation_bytes(self) -> int:
+        if self.checkpointed_plan:  # every call keeps its input latent; one call is rebuilt at a time
+            calls = self.grad_forwards * 2 * self.latent_bytes + self.forward_bytes
+        else:
+            calls = self.grad_forwards * self.forward_bytes
+        return calls + self.reward_inputs * self.decode_bytes
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.weights_bytes + self.optimizer_bytes + self.activation_bytes
+
+    def sharded_peak_bytes(self, gpus: int) -> int:
+        """Per-GPU peak with FSDP full sharding over ``gpus`` (weights and optimizer split; the paper's setup)."""
+        return (self.weights_bytes + self.optimizer_bytes) // gpus + self.activation_bytes
+
+    def report(self) -> str:
+        g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
+        ckpt = " (per-call checkpointing: inputs kept, one call rebuilt)" if self.checkpointed_plan else ""
+        return "\n".join([
+            f"dry run: {self.title} ({self.backbone}) × {self.method}, {self.finetune} fine-tuning, "
+            f"{self.resolution}² px, batch {self.batch_size}, {self.dtype} weights (meta device: no weights loaded)",
+            f"  parameters            {self.parameters:>16,}",
+            f"  trainable             {self.trainable:>16,}",
+            f"  saved by one grad forward      {g(self.forward_bytes)}",
+            f"  saved by one VAE decode        {g(self.decode_bytes)}",
+            f"  grad forwards (worst draw)     {self.grad_forwards}{ckpt}",
+            f"  weights                        {g(self.weights_bytes)}",
+            f"  grads + AdamW (+ EMA)          {g(self.optimizer_bytes)}",
+            f"  activations                    {g(self.activation_bytes)}",
+            f"  estimated peak                 {g(self.peak_bytes)}  (floor: reward model and allocator overhead"
+            " not included)",
+            f"  per GPU, FSDP over 8 GPUs      {g(self.sharded_peak_bytes(8))}",
+        ])
+
+
+def plan_cost(method: str, method_args: dict[str, Any], num_steps: int, draws: int = 64) -> tuple[int, int, bool]:
+    """(worst grad forwards, reward inputs, per-call checkpointing) over ``draws`` plans on the paper's grid."""
+    from flowbp.methods import make_plan
+    from flowbp.trajectory import training_sigmas
+
+    sigmas = training_sigmas(num_steps)
+    worst, inputs, ckpt = 0, 1, False
+    for seed in range(draws):
+        plan = make_plan(method, sigmas, seed, **method_args)
+        worst = max(worst, plan.grad_forwards)
+        inputs, ckpt = 1 + plan.renoised, plan.checkpoint
+    return worst, inputs, ckpt
+
+
+def estimate(
+    arch: Architecture,
+    method: str,
+    method_args: dict[str, Any] | None = None,
+    *,
+    resolution: int = 512,
+    batch_size: int = 1,
+    num_steps: int = 25,
+    finetune: str = "full",
+    lora_rank: int = 8,
+    dtype: torch.dtype = torch.bfloat16,
+    guidance_scale: float | None = None,
+    detach_negative: bool = True,
+    gradient_checkpointing: bool = True,
+    vae_gradient_checkpointing: bool = False,
+    ema: bool = True,
+    device: str | torch.device = "meta",
+    transformer: nn.Module | None = None,
+    vae: nn.Module | None = None,
+) -> Estimate:
+    """Estimate one training step of ``method`` on ``arch`` (see the module docstring).
+
+    ``dtype`` is the compute dtype of the forward (bf16 under the presets' autocast). ``transformer``
+    / ``vae`` replace the full-size models (a test passes a tiny real model to compare with a
+    measured run).
+    """
+    from peft import LoraConfig
+
+    device = torch.device(device)
+    model = transformer
+    if model is None:
+        model = build_meta(arch.transformer_class, arch.transformer_config, dtype)
+    parameters = sum(p.numel() for p in model.parameters())
+    if finetune == "lora":
+        model.requires_grad_(False)
+        targets = arch.lora_targets
+        model.add_adapter(LoraConfig(
+            r=lora_rank, lora_alpha=lora_rank, target_modules=targets if isinstance(targets, str) else list(targets),
+        ))
+    else:
+        model.requires_grad_(True)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    g = 1.0 if guidance_scale is None else guidance_scale
+    carries_negative = g > 1.0 and arch.real_cfg and not detach_negative
+    call_batch = batch_size * (2 if carries_negative else 1)  # [negative, positive] batched, both with grad
+    inputs = arch.make_inputs(call_batch, resolution, arch.text_len, dtype, device)
+    with torch.enable_grad():
+        forward = forward_saved_bytes(model, inputs, gradient_checkpointing)
+        autoencoder = vae if vae is not None else build_meta(arch.vae_class, arch.vae_config, dtype)
+        autoencoder.requires_grad_(False)
+        side = resolution // arch.vae_factor
+        latents = torch.empty(batch_size, arch.vae_latent_channels, side, side, dtype=dtype, device=device)
+        decode = decode_saved_bytes(autoencoder, latents, vae_gradient_checkpointing)
+    forwards, reward_inputs, ckpt_plan = plan_cost(method, method_args or {}, num_steps)
+    elem = _BYTES[dtype]
+    frozen = parameters - (trainable if finetune == "full" else 0)
+    vae_params = sum(p.numel() for p in autoencoder.parameters())
+    weights = frozen * elem + vae_params * elem
+    if finetune == "full":  # fp32 master weights + the bf16 copy autocast keeps for the forward
+        weights += trainable * 4 + (trainable * elem if elem != 4 else 0)
+    else:
+        weights += trainable * 4  # LoRA parameters stay fp32
+    optimizer = trainable * 4 * (3 + (1 if ema else 0))  # grad + 2 Adam moments (+ EMA), fp32
+    latent_numel = batch_size * arch.vae_latent_channels * side * side
+    return Estimate(
+        backbone=arch.backbone, title=arch.title, method=method, finetune=finetune, resolution=resolution,
+        batch_size=batch_size, dtype=str(dtype).removeprefix("torch."), parameters=parameters, trainable=trainable,
+        forward_bytes=forward, decode_bytes=decode, grad_forwards=forwards, reward_inputs=reward_inputs,
+        checkpointed_plan=ckpt_plan, weights_bytes=weights, optimizer_bytes=optimizer, latent_bytes=latent_numel * 4,
+    )
+
+
+def estimate_config(config: Any) -> Estimate:
+    """The estimate for a :class:`~flowbp.config.TrainConfig` (``flowbp train --dry-run``)."""
+    if config.backbone not in ARCHITECTURES:
+        known = ", ".join(sorted(ARCHITECTURES))
+        raise ValueError(f"backbone: --dry-run covers the full-size architectures ({known}), got {config.backbone!r}")
+    compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
+    if compute is None:
+        compute = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.dtype, torch.float32)
+    return estimate(
+        ARCHITECTURES[config.backbone], config.method, config.method_args,
+        resolution=config.resolution or 512, batch_size=config.batch_size, num_steps=config.num_inference_steps,
+        finetune=config.finetune, lora_rank=config.lora_rank, dtype=compute, guidance_scale=config.guidance_scale,
+        detach_negative=config.detach_negative, gradient_checkpointing=config.gradient_checkpointing,
+        vae_gradient_checkpointing=config.vae_gradient_checkpointing, ema=config.ema,
+    )

@@ -1,0 +1,95 @@
+"""``--dry-run`` memory estimates: meta-device measurement vs real runs on a tiny SD3, and the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowbp.backbones import load_backbone
+from flowbp.cli import main
+from flowbp.dryrun import ARCHITECTURES, build_meta, estimate, forward_saved_bytes, plan_cost
+from flowbp.engine import surrogate
+from flowbp.memory import saved_tensor_bytes
+from flowbp.methods import make_plan
+from flowbp.trajectory import rollout
+
+TEXT_LEN = 77 + 256  # tiny CLIP pads to 77, tiny T5 to the pipeline's default 256
+
+
+def _config(module: torch.nn.Module) -> dict:
+    return {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
+
+
+def _tiny_inputs(batch: int, res: int, text_len: int, dtype: torch.dtype, device: torch.device) -> dict:
+    side = res // 2
+    return {
+        "hidden_states": torch.empty(batch, 4, side, side, dtype=dtype, device=device),
+        "encoder_hidden_states": torch.empty(batch, text_len, 32, dtype=dtype, device=device),
+        "pooled_projections": torch.empty(batch, 64, dtype=dtype, device=device),
+        "timestep": torch.empty(batch, dtype=torch.float32, device=device),
+    }
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_meta_measurement_equals_the_real_forward(tiny_sd3_dir: Path, checkpointing: bool) -> None:
+    bb = load_backbone("sd3", path=str(tiny_sd3_dir), resolution=32)
+    real = bb.transformer.requires_grad_(True)
+    meta = build_meta("SD3Transformer2DModel", _config(real), torch.float32).requires_grad_(True)
+    shapes = _tiny_inputs(2, 32, TEXT_LEN, torch.float32, torch.device("meta"))
+    real_inputs = {k: torch.rand(v.shape) * 0.5 for k, v in shapes.items()}
+    measured = forward_saved_bytes(real, real_inputs, checkpointing)
+    estimated = forward_saved_bytes(meta, shapes, checkpointing)
+    assert measured > 0 and abs(estimated - measured) <= 0.01 * measured
+
+
+def test_estimate_matches_a_measured_training_step(tiny_sd3_dir: Path) -> None:
+    """The estimator on the tiny architecture (meta) vs the bytes a real LoRA step saves."""
+    bb = load_backbone("sd3", path=str(tiny_sd3_dir), resolution=32)
+    arch = dataclasses.replace(
+        ARCHITECTURES["sd3"], make_inputs=_tiny_inputs, vae_latent_channels=4, vae_factor=2, text_len=TEXT_LEN
+    )
+    est = estimate(
+        arch, "flowbp-sparse", {"num_active": 3}, resolution=32, batch_size=2, num_steps=6, finetune="lora",
+        lora_rank=4, dtype=torch.float32, guidance_scale=3.5, detach_negative=True, gradient_checkpointing=False,
+        transformer=build_meta("SD3Transformer2DModel", _config(bb.transformer), torch.float32),
+        vae=build_meta("AutoencoderKL", _config(bb.vae), torch.float32),
+    )
+    assert est.grad_forwards == 3 and est.reward_inputs == 1
+    bb.add_lora(4)
+    assert est.trainable == sum(p.numel() for p in bb.trainable_parameters())
+    assert est.parameters == sum(p.numel() for p in bb.transformer.parameters()) - est.trainable
+    sigmas = bb.sigmas(6)
+    velocity = bb.velocity_fn(bb.encode_prompts(["a cat", "a dog"]), 3.5, detach_uncond=True)
+    traj = rollout(velocity, bb.initial_noise(2, torch.Generator().manual_seed(0)), sigmas)
+    plan = make_plan("flowbp-sparse", sigmas, 0, num_active=3)
+    frozen = [*bb.transformer.parameters(), *bb.vae.parameters()]
+    with saved_tensor_bytes(exclude=frozen) as meter:
+        out = surrogate(plan, traj, velocity)
+        images = bb.decode(out.inputs[0])
+    images.mean().backward()
+    assert abs(est.activation_bytes - meter.total) <= 0.03 * meter.total, (est.activation_bytes, meter.total)
+
+
+def test_full_size_forward_and_plan_costs() -> None:
+    sd3 = ARCHITECTURES["sd3"]
+    model = build_meta(sd3.transformer_class, sd3.transformer_config, torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters()) == 2_243_171_520  # backbone_configs.md, computed on meta
+    model.requires_grad_(True)
+    inputs = sd3.make_inputs(1, 512, sd3.text_len, torch.bfloat16, torch.device("meta"))
+    ckpt, plain = forward_saved_bytes(model, inputs, True), forward_saved_bytes(model, inputs, False)
+    assert 0 < ckpt < plain / 4  # checkpointed blocks keep only their inputs
+    assert plan_cost("alignprop", {}, 25) == (25, 1, True)
+    assert plan_cost("draft-lv", {"num_noised": 2}, 25) == (3, 3, False)
+    assert plan_cost("flowbp-sparse", {"num_active": 4}, 25) == (4, 1, False)
+
+
+def test_dry_run_cli(capsys) -> None:
+    args = ["train", "--config", "sd35-flowbp-lagrange", "--set", "batch_size=1", "--set", "finetune=lora", "--dry-run"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "SD3.5-Medium (sd3) × flowbp-lagrange" in out and "2,243,171,520" in out and "estimated peak" in out
+    assert main(["train", "--dry-run"]) == 2
+    assert "backbone: --dry-run covers the full-size architectures" in capsys.readouterr().err
