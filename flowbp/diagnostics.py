@@ -219,6 +219,10 @@ class DrawFidelity:
     grad_norms: list[float]  # ‖ĝ_r‖
     exact_norm: float  # ‖g‖
     sample_weight: list[float] = field(default_factory=list)  # mean per-sample weight of each draw
+    # Against the sampler's true gradient (no stop-gradient on the unconditional CFG branch), when given:
+    cosines_true: list[float] = field(default_factory=list)
+    norm_ratios_true: list[float] = field(default_factory=list)
+    cosine_of_mean_true: float | None = None
 
     @property
     def cosine(self) -> float:
@@ -237,21 +241,29 @@ def fidelity(
     plan_fn: PlanFn,
     draws: int,
     generator: torch.Generator,
+    true_exact: torch.Tensor | None = None,
 ) -> DrawFidelity:
     """Compare ``draws`` surrogate gradients of ``plan_fn``'s plans with the exact gradient ``exact``.
 
-    ``generator`` drives both the plan draw and the renoise noise (DRaFT-LV), so a seed reproduces the table.
-    Deterministic methods (DRaFT-K, AlignProp) need only ``draws=1``.
+    ``exact`` is the gradient of the training objective (for CFG: the unconditional branch detached, as the
+    paper trains); ``true_exact``, when given, is a second reference — the plain sampler's true gradient with
+    nothing detached — and fills the ``*_true`` fields. ``generator`` drives both the plan draw and the
+    renoise noise (DRaFT-LV), so a seed reproduces the table. Deterministic methods need only ``draws=1``.
     """
     if draws < 1:
         raise ValueError(f"draws: must be >= 1, got {draws}")
     cosines, ratios, norms, weights = [], [], [], []
+    cos_true: list[float] = []
+    ratios_true: list[float] = []
     total: torch.Tensor | None = None
     for _ in range(draws):
         plan = plan_fn(generator)
         g_hat, out = surrogate_gradient(problem, plan, generator)
         cosines.append(cosine(g_hat, exact))
         ratios.append(norm_ratio(g_hat, exact))
+        if true_exact is not None:
+            cos_true.append(cosine(g_hat, true_exact))
+            ratios_true.append(norm_ratio(g_hat, true_exact))
         norms.append(float(g_hat.norm()))
         weights.append(float(out.sample_weights.mean()))
         total = g_hat if total is None else total + g_hat
@@ -265,6 +277,9 @@ def fidelity(
         grad_norms=norms,
         exact_norm=float(exact.norm()),
         sample_weight=weights,
+        cosines_true=cos_true,
+        norm_ratios_true=ratios_true,
+        cosine_of_mean_true=None if true_exact is None else cosine(mean_grad, true_exact),
     )
 
 
@@ -275,7 +290,7 @@ def summarize(values: Iterable[float]) -> dict[str, float]:
 
 def summarize_fidelity(per_batch: Sequence[DrawFidelity]) -> dict[str, dict[str, float]]:
     """Per-batch fidelity -> mean and 95% CI over batches of each metric (batches are the i.i.d. unit)."""
-    return {
+    out = {
         "cosine": summarize(b.cosine for b in per_batch),
         "cosine_of_mean": summarize(b.cosine_of_mean for b in per_batch),
         "norm_ratio": summarize(b.norm_ratio for b in per_batch),
@@ -283,6 +298,11 @@ def summarize_fidelity(per_batch: Sequence[DrawFidelity]) -> dict[str, dict[str,
         "exact_norm": summarize(b.exact_norm for b in per_batch),
         "sample_weight": summarize(statistics.fmean(b.sample_weight) for b in per_batch),
     }
+    if all(b.cosines_true for b in per_batch):
+        out["cosine_true"] = summarize(statistics.fmean(b.cosines_true) for b in per_batch)
+        out["cosine_of_mean_true"] = summarize(float(b.cosine_of_mean_true or 0.0) for b in per_batch)
+        out["norm_ratio_true"] = summarize(statistics.fmean(b.norm_ratios_true) for b in per_batch)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- connectors

@@ -121,8 +121,6 @@ IMAGES_DIR = "images"
 MANIFEST_FILE = "manifest.jsonl"
 #: Image names in a folder without manifest: p<prompt index>_s<seed>.png (e.g. p0003_s1.png).
 IMAGE_NAME = re.compile(r"p(\d+)_s(-?\d+)\.(?:png|jpg|jpeg|webp)", re.IGNORECASE)
-#: Held-out HPDv2 test prompts, the default evaluation set of real backbones (shipped with the package).
-HPDV2_PROMPTS = Path(__file__).resolve().parent / "assets" / "prompts" / "hpdv2_test_400.txt"
 
 
 def image_name(prompt_index: int, seed: int) -> str:
@@ -172,8 +170,10 @@ def parse_metrics(spec: str | Sequence[str]) -> list[str]:
         try:
             parse_reward_spec(item)
         except ValueError as exc:
+            # a plain unknown name needs only the list of names; a malformed sum also the parser's reason
+            reason = "" if str(exc).startswith("unknown reward") else f" ({exc})"
             raise ValueError(
-                f"--metrics: {item!r} is not a metric ({exc}); known metrics: {', '.join(available_metrics())}"
+                f"--metrics: {item!r} is not a metric{reason}; known metrics: {', '.join(available_metrics())}"
             ) from None
     if len(set(items)) != len(items):
         raise ValueError(f"--metrics: a metric is listed twice in {','.join(items)}")
@@ -570,13 +570,6 @@ def write_run(
 DEFAULT_EVAL_METRICS: dict[str, tuple[str, ...]] = {"digits": ("heldout-correct", "heldout-logprob")}
 
 
-def default_eval_prompts(backbone) -> list[str]:
-    """The digits prompts for the testbed; the 400 HPDv2 test prompts (shipped) for real backbones."""
-    if backbone.name != "digits" and HPDV2_PROMPTS.is_file():
-        return read_prompts(HPDV2_PROMPTS, "eval_prompts_file")
-    return list(backbone.default_prompts())
-
-
 def eval_metric_specs(config, backbone_name: str) -> list[str]:
     """``eval_metrics`` of the config, or the training reward plus the backbone's held-out metrics."""
     if config.eval_metrics:
@@ -601,10 +594,11 @@ def periodic_eval(run) -> dict[str, dict[str, float]]:
     from flowbp.train import ema_weights
 
     c, backbone = run.config, run.backbone
-    prompts = read_prompts(c.eval_prompts_file, "eval_prompts_file") if c.eval_prompts_file else default_eval_prompts(
-        backbone
-    )
-    prompts = prompts[: c.eval_max_prompts]
+    # the run's evaluation set (the backbone's: digits prompts; the 400 HPDv2 test prompts for real backbones)
+    # unless eval_prompts_file names another; eval_max_prompts, where the config has it, keeps the first N
+    prompts = read_prompts(c.eval_prompts_file, "eval_prompts_file") if c.eval_prompts_file else run.eval_prompts
+    prompts = list(prompts)[: getattr(c, "eval_max_prompts", None)]
+    batch_size = getattr(c, "eval_batch_size", c.batch_size)
     specs = eval_metric_specs(c, backbone.name)
     device = run.accelerator.device
     scorers = {}
@@ -620,8 +614,8 @@ def periodic_eval(run) -> dict[str, dict[str, float]]:
     keys = plan_keys(len(prompts), c.eval_samples_per_prompt, c.eval_seed)
     image_set = ImageSet(list(prompts), keys)
     with ema_weights(run):
-        image_set.images = generate(backbone, prompts, keys, c.num_inference_steps, c.guidance_scale, c.batch_size)
-    scores = score(image_set.images, image_set.image_prompts(), scorers, c.batch_size, device)
+        image_set.images = generate(backbone, prompts, keys, c.num_inference_steps, c.guidance_scale, batch_size)
+    scores = score(image_set.images, image_set.image_prompts(), scorers, batch_size, device)
     records = records_of(image_set, scores)
     summary = summarize(records, specs)
     if run.accelerator.is_main_process:

@@ -233,3 +233,18 @@ def test_hub_id_resolves_from_the_local_cache_only(tiny_sd3_dir: Path, tmp_path:
     assert bb.latent_shape(1) == (1, 4, 16, 16)
     with pytest.raises(ValueError, match=r"backbone_path: cannot find someone/absent \(not in the local hub cache"):
         load_backbone("sd3", path="someone/absent", resolution=32)
+
+
+def test_vae_checkpointing_keeps_values_and_gradients(tiny_sd3_dir: Path) -> None:
+    results = []
+    for ckpt in (False, True):
+        bb = load_backbone("sd3", path=str(tiny_sd3_dir), resolution=32, vae_gradient_checkpointing=ckpt)
+        z = bb.initial_noise(2, torch.Generator().manual_seed(4)).requires_grad_(True)
+        with saved_tensor_bytes(exclude=list(bb.vae.parameters())) as meter:
+            images = bb.decode(z)
+        (grad,) = torch.autograd.grad(images.square().sum(), z)
+        results.append((images.detach(), grad, meter.total))
+    (im0, g0, b0), (im1, g1, b1) = results
+    assert torch.equal(im0, im1) and torch.allclose(g0, g1, atol=1e-6)
+    assert im0.shape == (2, 3, 32, 32) and 0 <= im0.min() and im0.max() <= 1
+    assert b1 < b0

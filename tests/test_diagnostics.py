@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -97,22 +98,21 @@ def test_confidence_interval_of_a_known_sample() -> None:
     assert dg.summarize([5.0])["ci95_high"] == math.inf  # one batch: no interval
 
 
-# ---------------------------------------------------------------------------------------------- exact vs itself
-@pytest.mark.parametrize("checkpoint", [False, True])
-def test_exact_method_against_itself_has_cosine_one_and_ratio_one(checkpoint: bool) -> None:
+# ---------------------------------------------------------------------------------------------- two references
+def test_fidelity_against_a_second_reference() -> None:
+    """``true_exact`` fills the *_true fields against that vector: with −g the cosines flip sign, the ratios stay."""
     problem = _problem(MLPField(D, seed=3))
     exact = dg.exact_gradient(problem)
-    assert exact.norm() > 0
     result = dg.fidelity(
-        problem, exact, lambda g: flowbp.make_plan("alignprop", problem.sigmas, g, checkpoint=checkpoint), 2,
-        torch.Generator().manual_seed(0),
+        problem, exact, lambda g: flowbp.make_plan("flowbp-sparse", problem.sigmas, g), 3,
+        torch.Generator().manual_seed(0), true_exact=-exact,
     )
-    assert result.cosines == pytest.approx([1.0, 1.0], abs=1e-12)
-    assert result.norm_ratios == pytest.approx([1.0, 1.0], abs=1e-12)
-    assert result.cosine_of_mean == pytest.approx(1.0, abs=1e-12)
-    assert result.norm_of_mean_ratio == pytest.approx(1.0, abs=1e-12)
+    assert result.cosines_true == pytest.approx([-c for c in result.cosines], abs=1e-12)
+    assert result.norm_ratios_true == pytest.approx(result.norm_ratios, rel=1e-12)
+    assert result.cosine_of_mean_true == pytest.approx(-result.cosine_of_mean, abs=1e-12)
+    assert all(abs(c) < 1 - 1e-6 for c in result.cosines)  # not trivially parallel
     summary = dg.summarize_fidelity([result, result])
-    assert summary["cosine"]["mean"] == pytest.approx(1.0, abs=1e-12)
+    assert summary["cosine_true"]["mean"] == pytest.approx(-summary["cosine"]["mean"], abs=1e-12)
 
 
 def test_exact_gradient_is_autograd_through_the_plain_sampler() -> None:
@@ -234,15 +234,17 @@ def test_saved_bytes_and_timing_smoke() -> None:
         field, noise, sigmas, list(field.parameters()), _linear_loss(u),
         lambda g: flowbp.make_plan("flowbp-sparse", sigmas, g), torch.Generator().manual_seed(0), repeats=2,
     )
-    assert len(timing.ratios) == 2 and all(r > 0 for r in timing.ratios)
-    assert timing.summary()["ratio_median"] > 0
+    assert len(timing.rollout_s) == len(timing.step_s) == 2
+    assert timing.ratios == pytest.approx([st / ro for st, ro in zip(timing.step_s, timing.rollout_s, strict=True)])
+    assert timing.summary()["ratio_median"] == pytest.approx(statistics.median(timing.ratios))
 
 
 # ---------------------------------------------------------------------------------------------- the bench command
 def test_bench_covers_every_method_and_parses_its_arguments() -> None:
     import argparse
 
-    from flowbp.commands import bench
+    from flowbp.bench import context as bench
+    from flowbp.commands.bench import register
 
     configs = bench.method_configs(sweeps=True)
     methods = {c.method for c in configs}
@@ -252,13 +254,45 @@ def test_bench_covers_every_method_and_parses_its_arguments() -> None:
     assert sorted(defaults) == sorted(methods)
     assert {c.overrides["num_active"] for c in configs if c.method == "flowbp-sparse"} == {1, 3, 5}
     assert {c.overrides["k"] for c in configs if c.method == "draft-k"} == {1, 3, 5}
+    assert {c.overrides["num_active"] for c in configs if c.method == "flowbp-bridge"} == {2, 3, 5}
     sigmas = shifted(10)
     assert bench.is_deterministic(bench.MethodConfig("draft-k", {"k": 3}), sigmas)
     assert not bench.is_deterministic(bench.MethodConfig("flowbp-sparse"), sigmas)
     assert not bench.is_deterministic(bench.MethodConfig("draft-lv"), sigmas)  # renoise noise is random
     parser = argparse.ArgumentParser()
-    bench.register(parser.add_subparsers(dest="command"))
+    register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["bench", "--quick", "--out", "x", "--only", "cost", "--only", "deviation"])
     assert args.quick and args.only == ["cost", "deviation"] and args.seeds == 3
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--only", "nonsense"])
+
+
+# ---------------------------------------------------------------------------------------------- bench statistics
+def test_paired_comparisons_rank_only_where_the_paired_interval_excludes_zero() -> None:
+    from flowbp.bench.report import paired_comparisons
+
+    # b = a + 0.10 ± tiny per-unit noise: paired differences are tight although a and b overlap wildly
+    a = [0.1, 0.9, 0.4, 0.7, 0.2]
+    b = [x + 0.10 + e for x, e in zip(a, [0.01, -0.01, 0.0, 0.005, -0.005], strict=True)]
+    c = [x + d for x, d in zip(a, [0.3, -0.3, 0.2, -0.2, 0.0], strict=True)]  # mean difference 0, noisy
+    rows = paired_comparisons({"a": a, "b": b, "c": c}, reference="a")
+    by = {(r["a"], r["b"]): r for r in rows}
+    assert by[("b", "a")]["mean"] == pytest.approx(0.10)
+    # hand: differences 0.11, 0.09, 0.10, 0.105, 0.095 -> sd = 0.0079057, t_{0.975,4} = 2.776445
+    half = 2.776445 * 0.0079057 / math.sqrt(5)
+    assert by[("b", "a")]["ci95_high"] - 0.10 == pytest.approx(half, rel=1e-4)
+    assert by[("b", "a")]["verdict"] == "b better"
+    assert by[("c", "a")]["verdict"] == "not resolved"
+    lower = paired_comparisons({"a": a, "b": b}, reference="a", higher_is_better=False)
+    assert lower[0]["verdict"] == "a better"  # FD-like metric: lower wins
+
+
+def test_deviation_intervals_average_each_trajectory_first() -> None:
+    from flowbp.bench.deviation import deviation_summary
+
+    recs = [{"trajectory": t, "d_j": v, "d_0": v, "leap_kj": 1.0, "leap_jN": 1.0, "sample_weight": 1.0}
+            for t, vals in ((0, [1.0, 3.0, 2.0]), (1, [5.0, 7.0, 6.0])) for v in vals]
+    ci = deviation_summary({"leapalign": recs})["leapalign"]["d_j"]
+    # two units (trajectory means 2 and 6), not six plans: half-width t_{0.975,1}·sd/√2 = 12.7062·2.8284/1.4142
+    assert ci["n"] == 2 and ci["mean"] == pytest.approx(4.0)
+    assert ci["ci95_high"] - 4.0 == pytest.approx(12.7062 * 2.0, rel=1e-4)

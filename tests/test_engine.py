@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from conftest import LinearField, MLPField, a_of, c_of, shifted
@@ -116,7 +117,7 @@ def test_bridge_nested_term_scales_with_alpha(alpha: float) -> None:
     plan = flowbp.make_plan("flowbp-bridge", SIGMAS, 11, num_active=4, alpha=alpha, grad_rescale=0.0)
     j = plan.anchors[1]
     s = SIGMAS.tolist()
-    w = {i: w for seg in plan.segments for i, w in zip(seg.support, seg.weights, strict=True)}
+    w = {i: s[i + 1] - s[i] for i in range(10)}  # Euler weights, from the sigmas alone
     direct = sum(w[i] * c_of(s[i]) for i in plan.active)
     nested = alpha * w[j] * a_of(s[j]) * sum(w[i] * c_of(s[i]) for i in plan.active if i < j)
     field = LinearField(D)
@@ -124,8 +125,9 @@ def test_bridge_nested_term_scales_with_alpha(alpha: float) -> None:
     out = flowbp.surrogate(plan, traj, field)
     (grad,) = torch.autograd.grad(out.reward_input.sum(), [field.theta])
     torch.testing.assert_close(grad, torch.full((D,), B * (direct + nested), dtype=torch.float64))
-    if alpha > 0 and any(i < j for i in plan.active):
-        assert nested != 0.0
+    assert any(i < j for i in plan.active)  # the sampler guarantees a node before j ...
+    if alpha > 0:
+        assert nested != 0.0  # ... so the nested term is really tested
 
 
 def test_leapalign_and_lagrange_single_nested_term() -> None:
@@ -140,16 +142,79 @@ def test_leapalign_and_lagrange_single_nested_term() -> None:
     (grad,) = torch.autograd.grad(flowbp.surrogate(plan, traj, field).reward_input.sum(), [field.theta])
     torch.testing.assert_close(grad, torch.full((D,), B * expected, dtype=torch.float64))
 
-    lag = flowbp.make_plan("flowbp-lagrange", SIGMAS, 3)
-    k, j, _ = lag.anchors
-    first = [(i, wi) for i, wi in zip(lag.segments[0].support, lag.segments[0].weights, strict=True)]
-    second = [(i, wi) for i, wi in zip(lag.segments[1].support, lag.segments[1].weights, strict=True)]
-    g = lag.grad_scale
-    s_j = sum(wi * g[i] * c_of(s[i]) for i, wi in first if i in lag.active)
-    expected = s_j + sum(wi * g[i] * c_of(s[i]) for i, wi in second if i in lag.active)
-    expected += second[0][1] * g[j] * lag.alpha(j) * a_of(s[j]) * s_j
-    (grad,) = torch.autograd.grad(flowbp.surrogate(lag, traj, field).reward_input.sum(), [field.theta])
-    torch.testing.assert_close(grad, torch.full((D,), B * expected, dtype=torch.float64))
+
+
+def _lagrange_weights_by_polyfit(s: list[float], nodes: list[int], start: int, end: int) -> list[float]:
+    """∫_{σ_start}^{σ_end} of each Lagrange basis polynomial on the support sigmas (numpy, not flowbp)."""
+    out = []
+    for i in range(len(nodes)):
+        basis = np.polynomial.Polynomial.fit([s[k] for k in nodes], np.eye(len(nodes))[i], len(nodes) - 1)
+        prim = basis.integ()
+        out.append(float(prim(s[end]) - prim(s[start])))
+    return out
+
+
+def _rescale(weights: list[float], active_positions: list[int], strength: float) -> float:
+    return 1 + strength * (sum(map(abs, weights)) / sum(abs(weights[p]) for p in active_positions) - 1)
+
+
+def test_default_lagrange_plan_gradient_derived_from_the_sigmas_alone() -> None:
+    """One default FlowBP-Lagrange plan at N = 25, SD3 shift: supports, weights, scales and the nested term by hand.
+
+    Defaults: lagrange(3) supports = start, the middle node, the last node of [start, end) (np.rint of
+    linspace(0, L−1, 3)); active = start + the interior node (support_mode midpoint, max 2); interior backward
+    × support_scale 0.25; grad_rescale 0.5 per segment; α_j = 0.1. Only k and j are read from the plan.
+    """
+    sigmas = shifted(25)
+    s = sigmas.tolist()
+    plan = flowbp.make_plan("flowbp-lagrange", sigmas, torch.Generator().manual_seed(114))
+    k, j, n = plan.anchors
+    total = 0.0
+    s_j = 0.0
+    for start, end in ((k, j), (j, n)):
+        length = end - start
+        nodes = list(range(start, end)) if length <= 3 else [start, start + int(np.rint((length - 1) / 2)), end - 1]
+        w = _lagrange_weights_by_polyfit(s, nodes, start, end)
+        act = [0, 1][: len(nodes)]
+        f = _rescale(w, act, 0.5)
+        coeff = {nodes[0]: f * w[0]}
+        if len(nodes) > 1:
+            coeff[nodes[1]] = f * 0.25 * w[1]
+        assert sorted(coeff) == [i for i in plan.active if start <= i < end]
+        seg_sum = sum(c * c_of(s[i]) for i, c in coeff.items())
+        if start == k:
+            s_j = seg_sum
+            total += seg_sum
+        else:  # v_j sees x̃_j with α = 0.1: its input carries s_j, multiplied by a(σ_j)
+            total += seg_sum + 0.1 * coeff[j] * a_of(s[j]) * s_j
+    field = LinearField(D)
+    traj = flowbp.rollout(field, _noise(), sigmas)
+    (grad,) = torch.autograd.grad(flowbp.surrogate(plan, traj, field).reward_input.sum(), [field.theta])
+    torch.testing.assert_close(grad, torch.full((D,), B * total, dtype=torch.float64), rtol=1e-9, atol=1e-12)
+
+
+def test_default_bridge_plan_gradient_derived_from_the_sigmas_alone() -> None:
+    """One default FlowBP-Bridge plan at N = 25, SD3 shift: K = 5, grad_rescale 1, α_j = 0.1, Euler weights.
+
+    g = Σ_i |Δ_i| / Σ_{i active} |Δ_i| (one factor over the whole window = 1 / Σ_active |Δ_i|);
+    ∂x_N/∂θ = Σ_{i active} g Δ_i c(σ_i) + α g Δ_j a(σ_j) · Σ_{i active, i < j} g Δ_i c(σ_i).
+    Only j and the active set are read from the plan.
+    """
+    sigmas = shifted(25)
+    s = sigmas.tolist()
+    plan = flowbp.make_plan("flowbp-bridge", sigmas, torch.Generator().manual_seed(114))
+    j, active = plan.anchors[1], plan.active
+    delta = [s[i + 1] - s[i] for i in range(25)]
+    g = sum(abs(d) for d in delta) / sum(abs(delta[i]) for i in active)
+    direct = sum(g * delta[i] * c_of(s[i]) for i in active)
+    before = [i for i in active if i < j]
+    assert before and j in active and len(active) == 5
+    nested = 0.1 * g * delta[j] * a_of(s[j]) * sum(g * delta[i] * c_of(s[i]) for i in before)
+    field = LinearField(D)
+    traj = flowbp.rollout(field, _noise(), sigmas)
+    (grad,) = torch.autograd.grad(flowbp.surrogate(plan, traj, field).reward_input.sum(), [field.theta])
+    torch.testing.assert_close(grad, torch.full((D,), B * (direct + nested), dtype=torch.float64), rtol=1e-9,
+                               atol=1e-12)
 
 
 def test_renoised_inputs_value_and_gradient() -> None:
@@ -252,11 +317,24 @@ def test_all_nodes_alpha_one_equals_autograd_through_sampler(checkpoint: bool, n
     assert (draft.anchors, draft.active, draft.coupling) == (plan.anchors, plan.active, plan.coupling)
 
 
-def test_truncated_alignprop_equals_exact_backprop_of_last_k_steps() -> None:
-    plan = flowbp.make_plan("alignprop", SIGMAS, 3, truncation=True)
+@pytest.mark.parametrize("seed", range(4))
+def test_truncated_alignprop_equals_autograd_through_the_truncated_sampler(seed: int) -> None:
+    """Random truncation K: the gradient is autograd through the last K sampler steps from the detached x_{N−K}."""
+    field = MLPField(D, seed=3)
+    noise = _noise()
+    weights = torch.randn(B, D, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    plan = flowbp.make_plan("alignprop", SIGMAS, seed, truncation=True, checkpoint=seed % 2 == 0)
     k = len(plan.active)
-    assert plan.active == tuple(range(10 - k, 10))
-    assert plan.chain_depth == k - 1
+    assert plan.active == tuple(range(10 - k, 10)) and plan.chain_depth == k - 1
+    traj = flowbp.rollout(field, noise, SIGMAS)
+    x = traj.latents[10 - k].detach()
+    for i in range(10 - k, 10):
+        x = x + float(SIGMAS[i + 1] - SIGMAS[i]) * field(x, float(SIGMAS[i]))
+    exact = torch.autograd.grad((weights * x).sum(), list(field.parameters()))
+    out = flowbp.surrogate(plan, traj, field)
+    got = torch.autograd.grad((weights * out.reward_input).sum(), list(field.parameters()))
+    for g, e in zip(got, exact, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------- 4. memory
@@ -309,6 +387,58 @@ def test_chain_depth(seed: int) -> None:
         assert flowbp.make_plan("draft-k", shifted(25), seed, k=k).chain_depth == k - 1
     assert flowbp.make_plan("alignprop", shifted(25), seed).chain_depth == 24
     assert flowbp.make_plan("flowbp-bridge", shifted(25), seed, alpha=0.0).chain_depth == 0
+
+
+class ScaledLinearField(LinearField):
+    """v = λ·a(σ)·x + c(σ)·θ: each Jacobian ∂v/∂x on a gradient path contributes one factor λ."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim)
+        self.lam = torch.nn.Parameter(torch.tensor(1.0, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor, sigma: float) -> torch.Tensor:
+        return self.lam * a_of(sigma) * x + c_of(sigma) * self.theta
+
+
+def _jacobian_power(plan: Plan) -> int:
+    """The degree in λ of ∂L/∂θ, counted on the engine's actual autograd graph (the longest Jacobian chain).
+
+    ∂L/∂θ is a polynomial in λ whose degree is the number of ∂v/∂x factors on the longest path: differentiate
+    it w.r.t. λ until the result is identically zero (or no longer depends on λ at all).
+    """
+    field = ScaledLinearField(D)
+    traj = flowbp.rollout(field, _noise(), plan.sigmas)
+    out = flowbp.surrogate(plan, traj, field, generator=torch.Generator().manual_seed(0))
+    (g,) = torch.autograd.grad(out.reward_input.sum(), [field.theta], create_graph=True)
+    value = g.sum()
+    for power in range(plan.num_steps + 1):
+        if not value.requires_grad:
+            return power
+        (d,) = torch.autograd.grad(value, [field.lam], create_graph=True, allow_unused=True)
+        if d is None or float(d.detach().abs()) < 1e-13:
+            return power
+        value = d
+    raise AssertionError("degree above N")
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_chain_depth_equals_jacobian_powers_in_the_autograd_graph(seed: int) -> None:
+    sigmas = shifted(8)
+    cases = [
+        flowbp.make_plan("flowbp-sparse", sigmas, seed),
+        flowbp.make_plan("flowbp-bridge", sigmas, seed),
+        flowbp.make_plan("flowbp-bridge", sigmas, seed, alpha=0.0),
+        flowbp.make_plan("flowbp-lagrange", sigmas, seed),
+        flowbp.make_plan("leapalign", sigmas, seed),
+        flowbp.make_plan("drtune", sigmas, seed),
+        flowbp.make_plan("refl", sigmas, seed),
+        flowbp.make_plan("alignprop", sigmas, seed, checkpoint=False),
+        flowbp.make_plan("alignprop", sigmas, seed, truncation=True),
+        *[flowbp.make_plan("draft-k", sigmas, seed, k=k) for k in (1, 3, 5)],
+    ]
+    for plan in cases:
+        assert _jacobian_power(plan) == plan.chain_depth, (plan.method, plan.anchors, plan.coupling)
+    assert _jacobian_power(cases[-1]) == 4 and _jacobian_power(cases[7]) == 7
 
 
 # ---------------------------------------------------------------------------- 7. determinism

@@ -235,3 +235,30 @@ def test_plan_cli_errors_exit_nonzero(capsys) -> None:
     assert "--set: expected key=value" in capsys.readouterr().err
     assert main(["methods"]) == 0
     assert "flowbp-lagrange" in capsys.readouterr().out
+
+
+def test_plan_cli_shows_the_grid_training_uses(capsys) -> None:
+    """`flowbp plan --backbone digits` = the plan flowbp.train draws first: backbone.sigmas(N), plan_seed = --seed."""
+    from flowbp.backbones import load_backbone
+    from flowbp.trajectory import training_sigmas
+
+    for method in ("flowbp-bridge", "drtune", "flowbp-lagrange"):
+        assert main(["plan", method, "--backbone", "digits", "--steps", "10", "--seed", "114", "--json"]) == 0
+        shown = json.loads(capsys.readouterr().out)
+        # what flowbp/train.py does: sigmas = backbone.sigmas(num_inference_steps), plan generator seeded plan_seed
+        trained = flowbp.make_plan(method, load_backbone("digits").sigmas(10), torch.Generator().manual_seed(114))
+        assert shown["anchors"] == list(trained.anchors) and shown["active"] == list(trained.active)
+        for seg, ref in zip(shown["segments"], trained.segments, strict=True):
+            assert seg["support"] == list(ref.support) and seg["weights"] == pytest.approx(ref.weights, rel=1e-15)
+        # the digits backbone trains on shift 1: --shift 1 shows the same weights, the SD3 default 3 does not
+        assert main(["plan", method, "--shift", "1", "--steps", "10", "--seed", "114", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["segments"] == shown["segments"]
+    # the paper's grid itself: the last step runs from 1/N to 0 at shift 1
+    assert training_sigmas(10, 1.0)[-2] == pytest.approx(0.1)
+    assert main(["plan", "flowbp-sparse", "--steps", "10", "--seed", "1", "--json"]) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert default["segments"][0]["weights"][-1] == pytest.approx(-float(training_sigmas(10, 3.0)[-2]))
+    assert main(["plan", "refl", "--backbone", "digits", "--shift", "2"]) == 2
+    assert "--shift: give either --shift or --backbone" in capsys.readouterr().err
+    assert main(["plan", "refl", "--backbone", "nope"]) == 2
+    assert "unknown backbone 'nope'" in capsys.readouterr().err

@@ -131,3 +131,31 @@ def test_weighted_sum_of_real_rewards(clip_dir):
     mixed = load_reward({"pickscore": 2.0, "digit-ink": 1.0}, paths=paths)
     with torch.no_grad():
         assert torch.allclose(mixed(images, PROMPTS), 2 * pick + load_reward("digit-ink")(images, PROMPTS), atol=1e-5)
+
+
+def test_pixel_gradient_matches_finite_differences(clip_dir):
+    """The gradient is the derivative of the score, through resize, crop, clamp and the model (float64)."""
+    reward = load_reward("pickscore", path=clip_dir).double()
+    g = torch.Generator().manual_seed(0)
+    images = smooth_images(1, 120, 200, seed=9).double().clamp(0.05, 0.95).requires_grad_(True)
+    direction = torch.randn(images.shape, generator=g, dtype=torch.float64)
+    reward(images, PROMPTS[:1]).sum().backward()
+    analytic = (images.grad * direction).sum()
+    eps = 1e-5
+    with torch.no_grad():
+        numeric = (reward(images + eps * direction, PROMPTS[:1]) - reward(images - eps * direction, PROMPTS[:1])) / (
+            2 * eps)
+    assert torch.allclose(analytic, numeric.sum(), rtol=1e-5, atol=1e-8), (analytic, numeric)
+
+
+def test_half_precision_weights_score_close_to_float32(clip_dir):
+    images = smooth_images(2, 96, 96, seed=11).requires_grad_(True)
+    full = load_reward("pickscore", path=clip_dir)(images, PROMPTS)
+    half = load_reward("pickscore", path=clip_dir, dtype="bf16")
+    assert half.model.text_projection.weight.dtype == torch.bfloat16
+    scores = half(images, PROMPTS)
+    assert scores.dtype == torch.float32 and torch.allclose(scores, full, atol=0.05 * full.abs().max().item())
+    scores.sum().backward()
+    assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="dtype: expected one of"):
+        load_reward("pickscore", path=clip_dir, dtype="int8")

@@ -15,6 +15,8 @@ from flowbp.cli import main as cli_main
 from flowbp.rewards import load_reward
 from flowbp.rewards.convert import build_clip_model, openclip_clip_config
 from flowbp.rewards.preprocess import HPS_PAD, OPENAI_MEAN, OPENAI_STD
+from flowbp.rewards.tokenizers import clip_tokenizer as clip_tokenizer_from
+from flowbp.rewards.tokenizers import open_clip_clean
 from flowbp.rewards.weights import RewardWeightsError
 
 V_WIDTH, V_LAYERS, V_HEADS, V_MLP = 48, 2, 4, 96  # vision tower: head width 12 (open_clip's head_width)
@@ -197,6 +199,11 @@ def test_hpsv2_reward_end_to_end_and_convert_command(tmp_path, capsys):
     assert (scores.detach() - ref).abs().max() <= 1e-5
     scores.sum().backward()
     assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+    # a checkpoint file given directly may have any name (the tokenizer is looked up beside it)
+    (folder / "HPS_v2.1_compressed.pt").rename(folder / "my_hps.pt")
+    with torch.no_grad():
+        assert torch.equal(load_reward("hpsv2", path=folder / "my_hps.pt")(images, PROMPTS), scores.detach())
+    (folder / "my_hps.pt").rename(folder / "HPS_v2.1_compressed.pt")
 
     out = tmp_path / "hps-converted"
     assert cli_main(["convert-reward", "hpsv2", "--src", str(folder / "HPS_v2.1_compressed.pt"),
@@ -248,3 +255,67 @@ def test_byte_vocab_is_what_bpe_file_builds(tmp_path):
     assert vocab["ho</w>"] == 512 and vocab["th"] == 513
     assert vocab["<|startoftext|>"] == 514 and vocab["<|endoftext|>"] == 515
     assert all(vocab[t] == i for t, i in base.items() if i < 512)
+    # the tokenizer built from that file applies the merges by rank: "tho" → t + "ho</w>" ("h o</w>" ranks first)
+    tok = clip_tokenizer_from(tmp_path, "hpsv2", None)
+    assert tok("tho")["input_ids"] == [514, vocab["t"], vocab["ho</w>"], 515]
+    assert tok("th")["input_ids"] == [514, vocab["t"], vocab["h</w>"], 515]  # "t h" merges "t"+"h", not "h</w>"
+    assert tok.model_max_length == 77
+
+
+def test_open_clip_text_cleaning():
+    # ftfy's quote uncurling, ligatures and full width, html.unescape twice, whitespace: written by hand
+    assert open_clip_clean("  “Quotes” ‘and’ it\u02bcs\t &amp;amp; ﬁne ＡＢＣ\u3000x \n") == \
+        '"Quotes" \'and\' it\'s & fine ABC x'
+    assert open_clip_clean("e\u0301cole") == "\u00e9cole"  # NFC
+
+
+def test_vit_h14_shapes_convert_to_the_hps_architecture():
+    """At full size (meta tensors, no memory): ViT-H-14's open_clip shapes give HPS v2.1's transformers config."""
+    meta = torch.device("meta")
+
+    def blocks(prefix, n, w, mlp):
+        sd = {}
+        for i in range(n):
+            p = f"{prefix}.resblocks.{i}"
+            for ln in ("ln_1", "ln_2"):
+                sd |= {f"{p}.{ln}.weight": torch.empty(w, device=meta), f"{p}.{ln}.bias": torch.empty(w, device=meta)}
+            sd |= {f"{p}.attn.in_proj_weight": torch.empty(3 * w, w, device=meta),
+                   f"{p}.attn.in_proj_bias": torch.empty(3 * w, device=meta),
+                   f"{p}.attn.out_proj.weight": torch.empty(w, w, device=meta),
+                   f"{p}.attn.out_proj.bias": torch.empty(w, device=meta),
+                   f"{p}.mlp.c_fc.weight": torch.empty(mlp, w, device=meta),
+                   f"{p}.mlp.c_fc.bias": torch.empty(mlp, device=meta),
+                   f"{p}.mlp.c_proj.weight": torch.empty(w, mlp, device=meta),
+                   f"{p}.mlp.c_proj.bias": torch.empty(w, device=meta)}
+        return sd
+
+    e = lambda *s: torch.empty(*s, device=meta, dtype=torch.float16)  # noqa: E731
+    sd = {"visual.conv1.weight": e(1280, 3, 14, 14), "visual.class_embedding": e(1280),
+          "visual.positional_embedding": e(257, 1280), "visual.proj": e(1280, 1024),
+          "token_embedding.weight": e(49408, 1024), "positional_embedding": e(77, 1024),
+          "text_projection": e(1024, 1024), "logit_scale": e(())}
+    for p, w in (("visual.ln_pre", 1280), ("visual.ln_post", 1280), ("ln_final", 1024)):
+        sd |= {f"{p}.weight": e(w), f"{p}.bias": e(w)}
+    sd |= blocks("visual.transformer", 32, 1280, 5120) | blocks("transformer", 24, 1024, 4096)
+    config = openclip_clip_config(sd)  # defaults: ViT-H-14's heads and exact GELU
+    model = build_clip_model(sd, config)
+    v, t = model.config.vision_config, model.config.text_config
+    assert (v.hidden_size, v.intermediate_size, v.num_hidden_layers, v.num_attention_heads) == (1280, 5120, 32, 16)
+    assert (v.image_size, v.patch_size, v.hidden_act, v.layer_norm_eps) == (224, 14, "gelu", 1e-5)
+    assert (t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.num_attention_heads) == (1024, 4096, 24, 16)
+    assert (t.vocab_size, t.max_position_embeddings, t.eos_token_id) == (49408, 77, 49407)
+    assert model.config.projection_dim == 1024
+    # open_clip ViT-H-14's parameter count; HPS_v2.1_compressed.pt is 1,972,490,005 B ≈ 2 B per parameter
+    assert sum(p.numel() for p in model.parameters()) == 986_109_441
+
+
+def test_hpsv2_pixel_gradient_matches_finite_differences(tmp_path):
+    reward = load_reward("hpsv2", path=_hps_dir(tmp_path)).double()
+    images = smooth_images(1, 90, 150, seed=6).double().clamp(0.05, 0.95).requires_grad_(True)
+    direction = torch.randn(images.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    reward(images, PROMPTS[:1]).sum().backward()
+    eps = 1e-5
+    with torch.no_grad():
+        numeric = (reward(images + eps * direction, PROMPTS[:1]) - reward(images - eps * direction, PROMPTS[:1])) / (
+            2 * eps)
+    assert torch.allclose((images.grad * direction).sum(), numeric.sum(), rtol=1e-5, atol=1e-8)

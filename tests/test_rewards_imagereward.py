@@ -14,7 +14,8 @@ from rewards_tiny import IMAGE, PATCH, smooth_images
 
 from flowbp.cli import main as cli_main
 from flowbp.rewards import load_reward
-from flowbp.rewards.convert import IMAGEREWARD_MEAN, IMAGEREWARD_STD
+from flowbp.rewards.convert import IMAGEREWARD_MEAN, IMAGEREWARD_STD, imagereward_config, imagereward_to_flowbp
+from flowbp.rewards.imagereward import build_model
 from flowbp.rewards.preprocess import TORCHVISION_CLIP
 from flowbp.rewards.weights import RewardWeightsError
 
@@ -175,3 +176,53 @@ def test_imagereward_missing_key_is_one_line(ir_dir):
         load_reward("imagereward", path=ir_dir)
     msg = str(err.value)
     assert "\n" not in msg and "ImageReward.pt" in msg and "THUDM/ImageReward" in msg
+
+
+def test_imagereward_v1_shapes_convert_to_the_blip_architecture():
+    """At full size (meta tensors): ImageReward v1.0's key layout fills every parameter of the BLIP model."""
+    e = lambda *s: torch.empty(*s, device="meta")  # noqa: E731
+    ve, te = "blip.visual_encoder", "blip.text_encoder"
+    sd = {f"{ve}.cls_token": e(1, 1, 1024), f"{ve}.pos_embed": e(1, 197, 1024),
+          f"{ve}.patch_embed.proj.weight": e(1024, 3, 16, 16), f"{ve}.patch_embed.proj.bias": e(1024),
+          f"{ve}.norm.weight": e(1024), f"{ve}.norm.bias": e(1024),
+          f"{te}.embeddings.word_embeddings.weight": e(30524, 768), f"{te}.embeddings.position_embeddings.weight":
+          e(512, 768), f"{te}.embeddings.LayerNorm.weight": e(768), f"{te}.embeddings.LayerNorm.bias": e(768)}
+    for i in range(24):
+        p = f"{ve}.blocks.{i}"
+        for name, shape in (("norm1", (1024,)), ("norm2", (1024,)), ("attn.qkv", (3072, 1024)),
+                            ("attn.proj", (1024, 1024)), ("mlp.fc1", (4096, 1024)), ("mlp.fc2", (1024, 4096))):
+            sd |= {f"{p}.{name}.weight": e(*shape), f"{p}.{name}.bias": e(shape[0])}
+    for i in range(12):
+        p = f"{te}.encoder.layer.{i}"
+        for att, kv in (("attention", 768), ("crossattention", 1024)):
+            for name, shape in (("self.query", (768, 768)), ("self.key", (768, kv)), ("self.value", (768, kv)),
+                                ("output.dense", (768, 768)), ("output.LayerNorm", (768,))):
+                sd |= {f"{p}.{att}.{name}.weight": e(*shape), f"{p}.{att}.{name}.bias": e(shape[0])}
+        for name, shape in (("intermediate.dense", (3072, 768)), ("output.dense", (768, 3072)),
+                            ("output.LayerNorm", (768,))):
+            sd |= {f"{p}.{name}.weight": e(*shape), f"{p}.{name}.bias": e(shape[0])}
+    for idx, (a, b) in zip((0, 2, 4, 6, 7), itertools.pairwise([768, 1024, 128, 64, 16, 1]), strict=True):
+        sd |= {f"mlp.layers.{idx}.weight": e(b, a), f"mlp.layers.{idx}.bias": e(b)}
+    config = imagereward_config(sd)
+    model = build_model(imagereward_to_flowbp(sd, config), config, torch.float32)  # strict: every key used
+    assert config["vision"] | {"num_attention_heads": 16} == config["vision"]
+    assert (config["vision"]["image_size"], config["vision"]["patch_size"], config["vision"]["layer_norm_eps"]) == (
+        224, 16, 1e-6)
+    assert (config["text"]["encoder_hidden_size"], config["text"]["num_attention_heads"]) == (1024, 12)
+    assert config["mlp_sizes"] == [768, 1024, 128, 64, 16, 1]
+    # ImageReward.pt holds ≈ 446.6 M fp32 parameters (1.79 GB), of which the unused BLIP projections
+    # vision_proj (1024→256) and text_proj (768→256) are 459,264: the rest is exactly what the model needs
+    n = sum(p.numel() for p in model.parameters())
+    assert 446.0e6 < n + 459_264 < 447.0e6
+
+
+def test_imagereward_pixel_gradient_matches_finite_differences(ir_dir):
+    reward = load_reward("imagereward", path=ir_dir).double()
+    images = smooth_images(1, 240, 180, seed=8).double().clamp(0.05, 0.95).requires_grad_(True)
+    direction = torch.randn(images.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    reward(images, PROMPTS[:1]).sum().backward()
+    eps = 1e-5
+    with torch.no_grad():
+        numeric = (reward(images + eps * direction, PROMPTS[:1]) - reward(images - eps * direction, PROMPTS[:1])) / (
+            2 * eps)
+    assert torch.allclose((images.grad * direction).sum(), numeric.sum(), rtol=1e-5, atol=1e-8)

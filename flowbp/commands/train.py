@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 
 def run(args: argparse.Namespace) -> int:
     from flowbp.commands.plan import parse_overrides
     from flowbp.config import load_config
-    from flowbp.train import train
+    from flowbp.train import default_run_dir, train
 
     overrides = parse_overrides(args.set)
     if args.output_dir is not None:
@@ -22,9 +23,16 @@ def run(args: argparse.Namespace) -> int:
     if args.resume is not None:
         if args.config is not None or overrides:
             raise ValueError("--resume: takes the run's saved config.yaml; do not combine it with --config/--set")
+        run_dir = Path(args.resume)
+        print(f"run directory: {run_dir} (resuming)", flush=True)
         summary = train(resume=args.resume)
     else:
-        summary = train(load_config(args.config, overrides))
+        config = load_config(args.config, overrides)
+        if not config.output_dir:  # fix the default (time-stamped) directory now, so it can be printed first
+            config = load_config(args.config, {**overrides, "output_dir": str(default_run_dir(config))})
+        run_dir = Path(config.output_dir)
+        print(f"run directory: {run_dir}", flush=True)
+        summary = train(config)
     if summary is not None:
         keys = ("reward", "heldout_accuracy", "frechet_distance", "diversity")
         before, after = summary["before"], summary["after"]
@@ -37,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
             f"reward improvement: {imp['mean']:+.4f}  95% CI [{imp['ci95_low']:+.4f}, {imp['ci95_high']:+.4f}]"
             f"  (n={imp['n']})"
         )
+        print(f"sample grids: {run_dir / 'samples'}/   summary: {run_dir / 'summary.json'}")
         if args.json:
             print(json.dumps(summary, indent=2))
     return 0

@@ -26,23 +26,36 @@ class Window:
         return list(range(self.lo, self.hi + 1))
 
 
-def index_window(n: int, min_idx: int = 1, max_idx: int | None = None, tail_ratio: float = 1.0) -> Window:
-    """The paper's reverse-index window [min_idx, max_idx) (r = 1 is the last step) as forward nodes.
+def train_window(n: int, tail_ratio: float = 1.0, min_window: int = 1) -> Window:
+    """The trainable forward steps: the last ⌈ratio·N⌉ of them (at least ``min_window``).
 
-    ``tail_ratio`` < 1 keeps only the last ⌊ratio·N + ½⌉ steps (FLUX.2-Klein's 0.7 gives reverse [1, 19)
-    at N = 25).
+    The released trainers' ``resolve_train_step_window``: a tail ratio of 0.7 at N = 25 keeps forward
+    steps 7..24. Sparse draws its active nodes here and both Sparse and Bridge measure their
+    grad_rescale factor over this window.
     """
     if not (0 < tail_ratio <= 1):
         raise ValueError(f"tail_ratio: must be in (0, 1], got {tail_ratio}")
-    hi_rev = n + 1 if max_idx is None else max_idx
-    hi_rev = min(hi_rev, math.floor(tail_ratio * n + 0.5) + 1)
-    if not (1 <= min_idx < hi_rev <= n + 1):
+    min_window = max(1, min(int(min_window), n))
+    length = min(max(min_window, math.ceil(n * tail_ratio)), n)
+    return Window(lo=n - length, hi=n - 1)
+
+
+def index_window(n: int, min_idx: int = 1, max_idx: int | None = None, tail_ratio: float = 1.0) -> Window:
+    """The paper's reverse-index window [min_idx, max_idx) (r = 1 is the last step) as forward nodes.
+
+    Clipped to :func:`train_window` (at least 3 steps, as the trainers' ``make_jk_window_args``):
+    FLUX.2-Klein's tail_ratio 0.7 gives reverse [1, 19), forward nodes 7..24, at N = 25.
+    """
+    tail = train_window(n, tail_ratio, min_window=3)
+    lo_rev = max(min_idx, n - tail.hi)
+    hi_rev = min(n + 1 if max_idx is None else max_idx, n - tail.lo + 1)
+    if not (1 <= lo_rev < hi_rev <= n + 1):
         raise ValueError(
             f"min_idx/max_idx: need 1 <= min_idx < max_idx <= N+1={n + 1} (after tail_ratio), "
-            f"got min_idx={min_idx}, max_idx={hi_rev}"
+            f"got min_idx={lo_rev}, max_idx={hi_rev}"
         )
-    # reverse r in [min_idx, hi_rev) <-> forward node N - r
-    return Window(lo=n - (hi_rev - 1), hi=n - min_idx)
+    # reverse r in [lo_rev, hi_rev) <-> forward node N - r
+    return Window(lo=n - (hi_rev - 1), hi=n - lo_rev)
 
 
 def sample_jk(
@@ -108,9 +121,14 @@ def sample_jk(
 
 
 def late_biased_choice(
-    rng: np.random.Generator, candidates: Sequence[int], count: int, late_bias: float
+    rng: np.random.Generator, candidates: Sequence[int], count: int, late_bias: float, base: int = 0
 ) -> list[int]:
-    """``count`` distinct nodes drawn without replacement with probability ∝ (i + 1)^late_bias."""
+    """``count`` distinct nodes drawn without replacement with probability ∝ (i − base + 1)^late_bias.
+
+    Successive draws among the remaining nodes, as ``torch.multinomial(replacement=False)`` in the
+    released trainers. ``base`` = 0 biases by the absolute node (Sparse); Bridge passes each segment's
+    first node, so the bias applies within the segment (the trainers' offsets 0..length−1).
+    """
     if count > len(candidates):
         raise ValueError(
             f"num_active: K={count} is larger than the {len(candidates)} nodes available "
@@ -119,7 +137,7 @@ def late_biased_choice(
     if count <= 0:
         return []
     cand = np.asarray(candidates, dtype=np.int64)
-    p = (cand + 1.0) ** float(late_bias)
+    p = (cand - base + 1.0) ** float(late_bias)
     picked = rng.choice(cand, size=count, replace=False, p=p / p.sum())
     return sorted(int(i) for i in picked)
 
@@ -136,6 +154,14 @@ def rescale_factor(weights: Sequence[float], active_positions: Sequence[int], st
     if act <= 1e-12:
         return 1.0
     return 1.0 + strength * (total / act - 1.0)
+
+
+def window_rescale_factor(
+    sigmas: Sequence[float], window: Window, active: Sequence[int], strength: float
+) -> float:
+    """Sparse's and Bridge's single factor: Σ|Δ_i| over the training window / Σ|Δ_i| over the active nodes."""
+    steps = [abs(sigmas[i + 1] - sigmas[i]) for i in range(window.lo, window.hi + 1)]
+    return rescale_factor(steps, [i - window.lo for i in active], strength)
 
 
 def check_unit(name: str, value: float) -> None:

@@ -1,8 +1,14 @@
-"""DRTune: Euler to a random stop node m with detached inputs on a few spread nodes, then leap to x̂_0."""
+"""DRTune: Euler to a random stop node m with detached inputs on a few strided nodes, then leap to x̂_0.
+
+Matches the released trainers (``trainers/*/drtune.py``): m = N − U{1..round(ratio·N)}; the trained nodes
+are ``num_train_steps`` nodes with a fixed stride ⌊(m+1)/K⌋ from a start drawn uniformly so that the last
+one stays ≤ m. The reward scores the posterior mean at m, x_m − σ_m·v_m: v_m carries gradient only when the
+stride lands on m (otherwise it is the cached velocity), and every trained node reaches x_m through the
+Euler sum with its input detached.
+"""
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,39 +20,50 @@ from flowbp.plan import Plan, make_segments
 
 @dataclass(frozen=True)
 class DRTuneParams:
-    num_train_steps: int = 3  # evenly spaced active nodes in [0, m)
+    num_train_steps: int = 3  # K strided trained nodes in [0, m]
     early_stop_ratio: float = 0.4  # m = N − U{1..round(ratio·N)}
     early_stop_steps: int | None = None  # overrides the ratio when set
 
     def check(self) -> None:
         check_min("num_train_steps", self.num_train_steps, 1)
         check_unit("early_stop_ratio", self.early_stop_ratio)
+        if self.early_stop_steps is not None:
+            check_min("early_stop_steps", self.early_stop_steps, 0)
 
 
-@register("drtune", DRTuneParams, "euler 0→m (inputs detached, K spread active nodes), leap m→N on x̂_0")
+def stop_node(rng: np.random.Generator, n: int, p: DRTuneParams) -> int:
+    """m = N − r, r ~ U{1..S}, S = round(ratio·N) (Python's rounding, as the trainer) or early_stop_steps."""
+    steps = p.early_stop_steps if p.early_stop_steps is not None else round(n * p.early_stop_ratio)
+    if steps <= 0:
+        return n - 1
+    return n - int(rng.integers(1, min(steps, n) + 1))
+
+
+def strided_nodes(rng: np.random.Generator, count: int, k: int) -> list[int]:
+    """``k`` nodes of [0, count) with a fixed stride from a uniform start (the trainers' equally spaced draw)."""
+    k = min(k, count)
+    if k == count:
+        return list(range(count))
+    stride = max(1, count // k)
+    max_start = count - 1 - (k - 1) * stride
+    if max_start < 0:
+        stride = max(1, (count - 1) // max(1, k - 1))
+        max_start = count - 1 - (k - 1) * stride
+    start = int(rng.integers(0, max(0, max_start) + 1))
+    return [start + t * stride for t in range(k)]
+
+
+@register("drtune", DRTuneParams, "euler 0→m (inputs detached, K strided nodes in [0, m]), leap m→N on x̂_0")
 def build(sigmas: tuple[float, ...], rng: np.random.Generator, p: DRTuneParams) -> Plan:
     n = len(sigmas) - 1
-    stop = (
-        p.early_stop_steps
-        if p.early_stop_steps is not None
-        else math.floor(p.early_stop_ratio * n + 0.5)
-    )
-    stop = max(1, min(stop, n - 1))
-    m = n - int(rng.integers(1, stop + 1))
-    if p.num_train_steps > m:
-        raise ValueError(
-            f"num_train_steps: K={p.num_train_steps} is larger than the {m} nodes before the stop node m={m}"
-        )
-    # Evenly spaced with a random offset (DRTune's strided selection), so every node can be trained.
-    stride = m / p.num_train_steps
-    offset = rng.uniform(0, stride)
-    spread = sorted({min(m - 1, int(offset + stride * t)) for t in range(p.num_train_steps)})
-    anchors = (0, m, n)
+    m = stop_node(rng, n, p)
+    active = strided_nodes(rng, m + 1, p.num_train_steps)
+    anchors = (0, m, n) if m > 0 else (0, n)
     return Plan(
         sigmas=sigmas,
         anchors=anchors,
-        segments=make_segments(sigmas, anchors, ["euler", "leap"]),
-        active=(*spread, m),
+        segments=make_segments(sigmas, anchors, ["euler", "leap"] if m > 0 else ["leap"]),
+        active=tuple(active),
         final_connector=False,
         reward_input="posterior_mean",
     )

@@ -64,18 +64,27 @@ def build(sigmas: tuple[float, ...], rng: np.random.Generator, p: LagrangeParams
     segments = []
     active: list[int] = []
     scale: dict[int, float] = {}
-    for seg in make_segments(sigmas, anchors, [p.weights, p.weights], p.order):
-        w = list(seg.weights)
-        if p.anchor_lambda != 1.0:
-            # Blend with the leap from the start: x̂ = λ·lagrange + (1 − λ)·(x_s + (σ_e − σ_s)·v_s).
-            w = [p.anchor_lambda * x for x in w]
-            w[0] += (1.0 - p.anchor_lambda) * (sigmas[seg.end] - sigmas[seg.start])
-        seg = Segment(seg.start, seg.end, seg.support, tuple(w), seg.rule)
-        segments.append(seg)
+    for index, seg in enumerate(make_segments(sigmas, anchors, [p.weights, p.weights], p.order)):
         mine = _active_supports(seg, p.support_mode, p.max_active)
-        f = rescale_factor(w, [seg.support.index(i) for i in mine], p.grad_rescale)
+        # The factor comes from the Lagrange weights before any blend (the trainers' _lagrange_quadrature_predict).
+        f = rescale_factor(seg.weights, [seg.support.index(i) for i in mine], p.grad_rescale)
+        coeff = {i: seg.weights[seg.support.index(i)] * f * (1.0 if i == seg.start else p.support_scale)
+                 for i in mine}  # backward coefficient of each active velocity: g_i · w_i
+        w = list(seg.weights)
+        if index == 0 and p.anchor_lambda != 1.0:
+            # Only k → j is blended with the leap from k: x̂_j = λ·lagrange + (1 − λ)·(x_k + (σ_j − σ_k)·v_k),
+            # where v_k always carries gradient in the leap part, unscaled.
+            lam, leap = p.anchor_lambda, sigmas[seg.end] - sigmas[seg.start]
+            w = [lam * x for x in w]
+            w[0] += (1.0 - lam) * leap
+            coeff = {i: lam * c for i, c in coeff.items()}
+            coeff[seg.start] = coeff.get(seg.start, 0.0) + (1.0 - lam) * leap
+            seg = Segment(seg.start, seg.end, seg.support, tuple(w), seg.rule)
+            mine = sorted(coeff)
+        segments.append(seg)
         for i in mine:
-            scale[i] = f * (1.0 if i == seg.start else p.support_scale)
+            wi = w[seg.support.index(i)]
+            scale[i] = coeff[i] / wi if wi != 0.0 else f
         active.extend(mine)
     return Plan(
         sigmas=sigmas,

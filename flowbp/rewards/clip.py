@@ -16,7 +16,7 @@ with respect to the pixels. Usual scales (see the README's Rewards section):
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,13 +26,15 @@ from torch import nn
 
 from flowbp.rewards.digits import _FrozenReward
 from flowbp.rewards.preprocess import HF_CLIP, HPS_PAD, TORCHVISION_CLIP, ImageTransform
-from flowbp.rewards.tokenizers import LAION_H14, clip_tokenizer
+from flowbp.rewards.tokenizers import LAION_H14, clip_tokenizer, open_clip_clean
 from flowbp.rewards.weights import HubSource, RewardWeightsError, first_file, hub_snapshot, load_state_dict, locate
 
 WEIGHT_FILES = (
     "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json"
 )
-HPS_FILES = ("HPS_v2.1_compressed.pt", "HPS_v2_compressed.pt", "HPS_v2.1.pt", "open_clip_pytorch_model.bin")
+# Only v2.1 is looked up by name: HPS_v2_compressed.pt (and the HF Space's HPS_v2_1.pt, despite its name) are
+# v2.0, and open_clip_pytorch_model.bin is the un-tuned base CLIP. Another file can still be given as path=.
+HPS_FILES = ("HPS_v2.1_compressed.pt",)
 AESTHETIC_FILES = ("sac+logos+ava1-l14-linearMSE.pth", "aesthetic-model.pth", "aesthetic_mlp.safetensors")
 _HF_FILES = ("*.json", "*.txt", "*.safetensors")
 
@@ -40,6 +42,11 @@ PICKSCORE_HUB = HubSource("yuvalkirstain/PickScore_v1", (*_HF_FILES, "pytorch_mo
 CLIP_L14_HUB = HubSource("openai/clip-vit-large-patch14", (*_HF_FILES, "pytorch_model.bin"))
 HPS_HUB = HubSource("xswu/HPSv2", ("HPS_v2.1_compressed.pt",))
 AESTHETIC_HUB = HubSource("trl-lib/ddpo-aesthetic-predictor", ("aesthetic-model.pth",))
+
+
+def upcast(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision features to float32 for the score arithmetic; float32/float64 stay as they are."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def is_clip_folder(folder: Path) -> bool:
@@ -77,11 +84,14 @@ class ClipReward(_FrozenReward):
     ``score``: ``"logit"`` exp(logit_scale)·cos (PickScore), ``"cos"`` (HPSv2), ``"clipscore"`` 100·max(cos, 0).
     ``attention_mask``: pass the tokenizer's mask (transformers-style callers) or not (open_clip, which
     pads with zeros and relies on the causal mask: the pooled EOT token never sees the padding).
+    ``clean``: applied to each prompt before tokenising (``open_clip_clean`` for open_clip models).
     """
 
     def __init__(self, model: nn.Module, tokenizer: Any, transform: ImageTransform,
-                 score: Literal["logit", "cos", "clipscore"], attention_mask: bool = True) -> None:
+                 score: Literal["logit", "cos", "clipscore"], attention_mask: bool = True,
+                 clean: Callable[[str], str] | None = None) -> None:
         super().__init__()
+        self.clean = clean  # text cleaning before the tokenizer (open_clip's, for HPSv2)
         self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.transform = transform
@@ -92,21 +102,22 @@ class ClipReward(_FrozenReward):
         """L2-normalised projected image embeddings (differentiable)."""
         dtype = self.model.visual_projection.weight.dtype
         pooled = self.model.vision_model(pixel_values=self.transform(images).to(dtype)).pooler_output
-        return F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
+        return F.normalize(upcast(self.model.visual_projection(pooled)), dim=-1)
 
     def text_features(self, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
-        tokens = self.tokenizer(list(prompts), padding="max_length", truncation=True,
+        texts = [self.clean(p) for p in prompts] if self.clean is not None else list(prompts)
+        tokens = self.tokenizer(texts, padding="max_length", truncation=True,
                                 max_length=self.tokenizer.model_max_length, return_tensors="pt")
         mask = tokens["attention_mask"].to(device) if self.use_attention_mask else None
         pooled = self.model.text_model(input_ids=tokens["input_ids"].to(device), attention_mask=mask).pooler_output
-        return F.normalize(self.model.text_projection(pooled).float(), dim=-1)
+        return F.normalize(upcast(self.model.text_projection(pooled)), dim=-1)
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         if len(prompts) != images.shape[0]:
             raise ValueError(f"prompts: got {len(prompts)} prompts for {images.shape[0]} images")
         cos = (self.image_features(images) * self.text_features(prompts, images.device)).sum(-1)
         if self.score == "logit":
-            out = self.model.logit_scale.float().exp() * cos
+            out = upcast(self.model.logit_scale).exp() * cos
         elif self.score == "clipscore":
             out = 100.0 * cos.clamp(min=0)
         else:
@@ -195,9 +206,9 @@ def load_hpsv2(path: str | Path | None = None, allow_download: bool = False, dty
         tokenizer = clip_tokenizer(folder, "hpsv2", LAION_H14, allow_download)
         model = convert_hpsv2(file, _dtype(dtype), eos_token_id=tokenizer.eos_token_id,
                               bos_token_id=tokenizer.bos_token_id)
-        return ClipReward(model, tokenizer, HPS_PAD, "cos", attention_mask=False)
+        return ClipReward(model, tokenizer, HPS_PAD, "cos", attention_mask=False, clean=open_clip_clean)
     return ClipReward(model, clip_tokenizer(folder, "hpsv2", LAION_H14, allow_download), HPS_PAD, "cos",
-                      attention_mask=False)
+                      attention_mask=False, clean=open_clip_clean)
 
 
 class AestheticMLP(nn.Module):
@@ -238,8 +249,9 @@ class AestheticReward(_FrozenReward):
 
     def forward(self, images: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
         dtype = next(self.vision.parameters()).dtype
-        embeds = self.vision(pixel_values=self.transform(images).to(dtype)).image_embeds.float()
-        return self.mlp(F.normalize(embeds, dim=-1)).squeeze(-1).to(images.dtype)
+        embeds = upcast(self.vision(pixel_values=self.transform(images).to(dtype)).image_embeds)
+        mlp_dtype = next(self.mlp.parameters()).dtype
+        return self.mlp(F.normalize(embeds, dim=-1).to(mlp_dtype)).squeeze(-1).to(images.dtype)
 
 
 def load_aesthetic(path: str | Path | None = None, allow_download: bool = False, dtype: Any = None,

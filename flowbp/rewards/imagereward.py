@@ -53,7 +53,7 @@ class ImageRewardModel(nn.Module):
         # keeps the text self-attention bidirectional, as BLIP's 'multimodal' mode.
         hidden = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
                                    encoder_hidden_states=image_embeds, is_decoder=False).last_hidden_state
-        return self.mlp(hidden[:, 0].float()).squeeze(-1)
+        return self.mlp(hidden[:, 0].to(next(self.mlp.parameters()).dtype)).squeeze(-1)
 
 
 def build_model(sd: Mapping[str, torch.Tensor], config: Mapping[str, Any], dtype: torch.dtype) -> ImageRewardModel:

@@ -87,9 +87,9 @@ def hub_snapshot(source: HubSource, allow_download: bool = False) -> Path | None
 
 
 def first_file(directory: Path, names: Sequence[str]) -> Path | None:
-    """The first of ``names`` present in ``directory`` (or ``directory`` itself if it is one of them)."""
+    """The first of ``names`` present in ``directory``; a file given directly is taken whatever its name."""
     if directory.is_file():
-        return directory if directory.name in names or not names else None
+        return directory
     for n in names:
         if (directory / n).is_file():
             return directory / n
