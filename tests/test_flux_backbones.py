@@ -217,6 +217,7 @@ def test_lora_targets_cover_each_architecture(folders: dict[str, Path]) -> None:
     assert {
         "single_transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_out.0",
         "transformer_blocks.0.attn.add_v_proj", "transformer_blocks.0.attn.to_add_out",
+        "transformer_blocks.0.ff.net.0.proj", "transformer_blocks.0.ff_context.net.2",
     } <= wrapped
 
 

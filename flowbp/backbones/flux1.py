@@ -26,11 +26,13 @@ from flowbp.backbones.diffusers_base import DiffusersBackbone, PromptCondition, 
 #: The paper's FLUX.1-dev training and evaluation guidance (the pipeline's own default is 3.5).
 FLUX1_GUIDANCE = 4.0
 
-#: Attention projections of both streams (diffusers' FLUX LoRA recipe): double-stream image
-#: ``to_q/k/v``, ``to_out.0`` and text ``add_*_proj``, ``to_add_out``; single-stream ``to_q/k/v``.
+#: diffusers' FLUX.1 LoRA recipe (examples/dreambooth/train_dreambooth_lora_flux.py default): the
+#: attention projections of both streams (double-stream image ``to_q/k/v``, ``to_out.0``, text
+#: ``add_*_proj``, ``to_add_out``; single-stream ``to_q/k/v``) and the double-stream feed-forwards.
 FLUX1_LORA_TARGETS: tuple[str, ...] = (
     "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
     "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2",
 )
 
 
