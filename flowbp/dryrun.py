@@ -350,7 +350,7 @@ class Estimate:
         ckpt = " (per-call checkpointing: inputs kept, one call rebuilt)" if self.checkpointed_plan else ""
         return "\n".join([
             f"dry run: {self.title} ({self.backbone}) × {self.method}, {self.finetune} fine-tuning, "
-            f"{self.resolution}² px, batch {self.batch_size}, {self.dtype} weights (meta device: no weights loaded)",
+            f"{self.resolution}² px, batch {self.batch_size}, {self.dtype} compute (meta device: no weights loaded)",
             f"  parameters            {self.parameters:>16,}",
             f"  trainable             {self.trainable:>16,}",
             f"  saved by one grad forward      {g(self.forward_bytes)}",

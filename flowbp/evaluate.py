@@ -594,11 +594,10 @@ def periodic_eval(run) -> dict[str, dict[str, float]]:
     from flowbp.train import ema_weights
 
     c, backbone = run.config, run.backbone
-    # the run's evaluation set (the backbone's: digits prompts; the 400 HPDv2 test prompts for real backbones)
-    # unless eval_prompts_file names another; eval_max_prompts, where the config has it, keeps the first N
-    prompts = read_prompts(c.eval_prompts_file, "eval_prompts_file") if c.eval_prompts_file else run.eval_prompts
-    prompts = list(prompts)[: getattr(c, "eval_max_prompts", None)]
-    batch_size = getattr(c, "eval_batch_size", c.batch_size)
+    # the run's evaluation set: eval_prompts_file, else the backbone's (digits prompts; the 400 HPDv2 test
+    # prompts for real backbones), cut to eval_max_prompts
+    prompts = list(run.eval_prompts)
+    batch_size = c.eval_batch_size
     specs = eval_metric_specs(c, backbone.name)
     device = run.accelerator.device
     scorers = {}

@@ -332,3 +332,36 @@ def test_real_rewards_score_a_folder_of_mixed_sizes(tmp_path: Path) -> None:
             torch.testing.assert_close(torch.tensor([r["scores"][spec] for r in mine], dtype=torch.float64), direct)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["metrics"]["pickscore"]["n_prompts"] == 3 and summary["n_images"] == 6
+
+
+def test_eval_of_a_real_backbone_with_a_real_reward(tiny_sd3_dir, tmp_path: Path, capsys) -> None:
+    """The tiny random SD3 pipeline sampled at 32 px and scored with pickscore (tiny random CLIP)."""
+    from rewards_tiny import clip_folder
+
+    clip_dir = clip_folder(tmp_path / "clip")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red car\na bowl of fruit\n")
+    common = ["--backbone", "sd3", "--model", str(tiny_sd3_dir), "--resolution", "32", "--steps", "2",
+              "--metrics", "pickscore", "--reward-path", f"pickscore={clip_dir}", "--no-progress"]
+    out = tmp_path / "run"
+    assert _eval(*common, "--prompts", str(prompts), "--images-per-prompt", "2", "--out", str(out)) == 0
+    records = _records(out)
+    images = torch.stack([load_image(out / r["image"]) for r in records]).float() / 255
+    assert images.shape == (4, 3, 32, 32)
+    direct = load_reward("pickscore", path=clip_dir)(images, [r["prompt"] for r in records]).double()
+    torch.testing.assert_close(torch.tensor([r["scores"]["pickscore"] for r in records], dtype=torch.float64), direct)
+    # prompt 1, seed 1 sampled alone (another batch, another prompts file) is the same image, to 1/255
+    single = tmp_path / "single.txt"
+    single.write_text("a bowl of fruit\n")
+    one = tmp_path / "one"
+    assert _eval(*common, "--prompts", str(single), "--seed", "1", "--out", str(one)) == 0
+    a = np.asarray(Image.open(one / "images" / "p0000_s1.png"), dtype=int)
+    b = np.asarray(Image.open(out / "images" / "p0001_s1.png"), dtype=int)
+    assert np.abs(a - b).max() <= 1
+    # a missing pipeline folder is one line naming --model, and nothing is written
+    capsys.readouterr()
+    bad = [*common, "--prompts", str(prompts), "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]
+    assert _eval(*bad) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("flowbp eval: error: --model:") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "x").exists()

@@ -76,6 +76,28 @@ def _reward_paths(items: list[str] | None) -> dict[str, str]:
     return paths
 
 
+def _load_backbone(args: argparse.Namespace, device: str):
+    """The backbone as training builds it (resolution, weight dtype), errors naming eval's options."""
+    from types import SimpleNamespace
+
+    from flowbp.backbones import available_backbones, backbone_from_config
+
+    if args.backbone not in available_backbones():
+        raise ValueError(f"--backbone: unknown backbone {args.backbone!r}; known: {', '.join(available_backbones())}")
+    config = SimpleNamespace(
+        backbone=args.backbone, backbone_path=args.model, backbone_args={}, resolution=args.resolution,
+        dtype=args.dtype, finetune="lora", gradient_checkpointing=False, vae_gradient_checkpointing=False,
+    )
+    try:
+        return backbone_from_config(config, device)
+    except ValueError as exc:
+        message = str(exc)
+        for key, option in (("backbone_path:", "--model:"), ("resolution:", "--resolution:")):
+            if message.startswith(key):
+                message = option + message[len(key):]
+        raise ValueError(message) from None
+
+
 def run(args: argparse.Namespace) -> int:
     if args.compare:
         return _run_compare(args)
@@ -107,6 +129,12 @@ def run(args: argparse.Namespace) -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     progress = not args.no_progress
+    if not progress:  # also the weight-loading bars of transformers / diffusers
+        from diffusers.utils import logging as diffusers_logging
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+        diffusers_logging.disable_progress_bar()
     info: dict[str, Any] = {"prompts_file": str(args.prompts)}
     if args.images is not None:
         image_set = ev.read_image_folder(args.images, prompts)
@@ -124,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
                 "seed": args.seed,
                 "steps": args.steps,
                 "guidance": args.guidance,
+                "resolution": args.resolution,
+                "dtype": args.dtype,
             }
         )
     if baseline is not None:
@@ -139,12 +169,7 @@ def run(args: argparse.Namespace) -> int:
     scorers = {m: ev.load_metric(m, paths, device) for m in metrics}
 
     if args.images is None:
-        from flowbp.backbones import load_backbone
-
-        kwargs: dict[str, Any] = {"device": device}
-        if args.model:
-            kwargs["path"] = args.model
-        backbone = load_backbone(args.backbone, **kwargs)
+        backbone = _load_backbone(args, device)
         if args.lora:
             backbone.load_lora(args.lora)
         backbone.encode_prompts(prompts[:1] + prompts[-1:])  # fail early on prompts the backbone cannot encode
@@ -192,6 +217,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=25, help="sampling steps")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the backbone's)")
+    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the backbone's)")
+    p.add_argument(
+        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+        help="weight dtype of a real backbone (auto: float32 on CPU, bfloat16 on GPU)",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--reward-path", action="append", metavar="NAME=PATH", help="weights of a reward (repeatable)")
     p.add_argument("--baseline", metavar="RUN", help="also compare with this eval run (paired by prompt and seed)")
