@@ -19,6 +19,17 @@ from flowbp.typecheck import build_dataclass
 
 PRESETS_DIR = Path(__file__).resolve().parent / "configs"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+#: accelerate ``log_with`` names -> the package each needs (not dependencies of flowbp: install to use).
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
+#: diffusers.optimization.SchedulerType values (kept here so validating a config imports nothing heavy).
+LR_SCHEDULERS = (
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+)
 
 
 @dataclass(frozen=True)
@@ -85,15 +96,31 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     progress: bool = True
+    # --- scale-out and reliability (batch_size above is the GLOBAL batch per optimizer step: it is split
+    # into num_processes × gradient_accumulation_steps micro-batches, so one config gives the same run
+    # on any number of processes)
+    gradient_accumulation_steps: int = 1
+    lr_scheduler: str = "constant"  # any name of diffusers.optimization.get_scheduler
+    lr_warmup_steps: int = 0
+    log_with: str = "tensorboard"  # accelerate trackers: tensorboard, wandb, mlflow (comma-separated), or none
+    checkpoint_keep_last: int = 3  # keep the newest N checkpoints (0: keep all)
+    max_consecutive_skips: int = 5  # stop (with a checkpoint) after this many non-finite steps in a row
 
     def check(self) -> None:
         positive_ints = (
-            "num_inference_steps", "steps", "batch_size", "lora_rank", "eval_samples_per_prompt", "eval_batch_size",
+            "num_inference_steps",
+            "steps",
+            "batch_size",
+            "lora_rank",
+            "eval_samples_per_prompt",
+            "eval_batch_size",
+            "gradient_accumulation_steps",
+            "max_consecutive_skips",
         )
         for name in positive_ints:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("sample_every", "checkpoint_every", "eval_every"):
+        for name in ("sample_every", "checkpoint_every", "eval_every", "lr_warmup_steps", "checkpoint_keep_last"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
         if not self.learning_rate > 0:
@@ -123,6 +150,40 @@ class TrainConfig:
             raise ValueError(f"backbone_path: file or directory not found: {path}")
         if self.prompts is not None and not self.prompts:
             raise ValueError("prompts: must be a non-empty list (or null for the backbone's prompt set)")
+        if self.batch_size % self.gradient_accumulation_steps:
+            raise ValueError(
+                f"batch_size: {self.batch_size} is not divisible by gradient_accumulation_steps "
+                f"({self.gradient_accumulation_steps}); batch_size is the global batch per optimizer step"
+            )
+        self.trackers()  # validates log_with
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            allowed = ", ".join(LR_SCHEDULERS)
+            raise ValueError(f"lr_scheduler: unknown schedule {self.lr_scheduler!r}; allowed: {allowed}")
+        if self.lr_scheduler == "constant" and self.lr_warmup_steps > 0:
+            raise ValueError(
+                f"lr_warmup_steps: {self.lr_warmup_steps} has no effect with lr_scheduler 'constant'; "
+                "use 'constant_with_warmup' (or another schedule)"
+            )
+
+    def trackers(self) -> list[str]:
+        """The accelerate ``log_with`` list; a tracker whose package is missing is a config error."""
+        import importlib.util
+
+        names = [n.strip() for n in self.log_with.split(",") if n.strip()]
+        if names == ["none"]:
+            return []
+        for name in names:
+            if name not in TRACKER_PACKAGES:
+                allowed = ", ".join([*TRACKER_PACKAGES, "none"])
+                raise ValueError(f"log_with: unknown tracker {name!r}; allowed: {allowed} (comma-separated)")
+            if importlib.util.find_spec(TRACKER_PACKAGES[name]) is None:
+                raise ValueError(
+                    f"log_with: {name!r} needs the {TRACKER_PACKAGES[name]} package (pip install "
+                    f"{TRACKER_PACKAGES[name]}), or choose another tracker"
+                )
+        if not names:
+            raise ValueError("log_with: empty; name a tracker or 'none'")
+        return names
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

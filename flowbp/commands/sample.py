@@ -26,9 +26,7 @@ def run(args: argparse.Namespace) -> int:
         kwargs["path"] = args.backbone_path
     backbone = load_backbone(args.backbone, **kwargs)
     if args.lora:
-        if not Path(args.lora).exists():
-            raise ValueError(f"--lora: not found: {args.lora}")
-        backbone.load_lora(args.lora)
+        load_lora_checked(backbone, args.lora)
     prompts = args.prompt or backbone.default_prompts()
     backbone.encode_prompts(prompts)  # clear error for prompts the backbone cannot encode
     reward = load_reward(args.reward) if args.reward else None
@@ -40,6 +38,20 @@ def run(args: argparse.Namespace) -> int:
     for key, value in result.metrics.items():
         print(f"{key}: {value:.4f}")
     return 0
+
+
+def load_lora_checked(backbone, path: str) -> None:
+    """Load a LoRA, turning a missing, empty or unreadable file into one ``--lora`` error line."""
+    lora = Path(path)
+    if not lora.exists():
+        raise ValueError(f"--lora: not found: {path}")
+    if lora.is_dir() and not any(lora.glob("*.safetensors")):
+        raise ValueError(f"--lora: {path} holds no .safetensors weights (expected run_dir/lora from `flowbp train`)")
+    try:
+        backbone.load_lora(lora)
+    except Exception as exc:  # safetensors, peft and diffusers each raise their own types for a bad file
+        message = " ".join(str(exc).split())
+        raise ValueError(f"--lora: cannot load {path} as a LoRA for {backbone.name}: {message}") from exc
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

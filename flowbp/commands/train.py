@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 
@@ -12,6 +13,7 @@ def run(args: argparse.Namespace) -> int:
     from flowbp.config import load_config
     from flowbp.train import default_run_dir, train
 
+    main_process = os.environ.get("RANK", "0") == "0"  # under torchrun / accelerate launch, only rank 0 prints
     overrides = parse_overrides(args.set)
     if args.output_dir is not None:
         overrides["output_dir"] = args.output_dir
@@ -24,16 +26,20 @@ def run(args: argparse.Namespace) -> int:
         if args.config is not None or overrides:
             raise ValueError("--resume: takes the run's saved config.yaml; do not combine it with --config/--set")
         run_dir = Path(args.resume)
-        print(f"run directory: {run_dir} (resuming)", flush=True)
+        if main_process:
+            print(f"run directory: {run_dir} (resuming)", flush=True)
         summary = train(resume=args.resume)
     else:
         config = load_config(args.config, overrides)
         if not config.output_dir:  # fix the default (time-stamped) directory now, so it can be printed first
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # each process would stamp its own time
+                raise ValueError("--output-dir: required when launching several processes")
             config = load_config(args.config, {**overrides, "output_dir": str(default_run_dir(config))})
         run_dir = Path(config.output_dir)
-        print(f"run directory: {run_dir}", flush=True)
+        if main_process:
+            print(f"run directory: {run_dir}", flush=True)
         summary = train(config)
-    if summary is not None:
+    if summary is not None and main_process:  # one report, from the main process
         keys = ("reward", "heldout_accuracy", "frechet_distance", "diversity")
         before, after = summary["before"], summary["after"]
         print(f"\n{'metric':<20} {'before':>10} {'after':>10}")
@@ -56,7 +62,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", help="YAML config file or shipped preset name (default: built-in defaults)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (YAML value)")
     p.add_argument("--output-dir", help="run directory (must not exist or be empty)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="resume a run from its latest checkpoint")
+    p.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="resume a run from its latest checkpoint (a run killed before its first one starts over from step 0)",
+    )
     p.add_argument("--json", action="store_true", help="also print the whole summary as JSON")
     p.add_argument(
         "--dry-run",
