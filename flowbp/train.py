@@ -127,7 +127,15 @@ def _read_prompts(config: TrainConfig, backbone: Any) -> list[str]:
         if not prompts:
             raise ValueError(f"prompts_file: {config.prompts_file} holds no prompts")
         return prompts
-    return list(config.prompts) if config.prompts is not None else list(backbone.default_prompts())
+    if config.prompts is not None:
+        return list(config.prompts)
+    if not getattr(backbone, "trains_on_default_prompts", False):
+        raise ValueError(
+            f"prompts_file: backbone {config.backbone!r} needs training prompts: --set prompts_file=FILE "
+            "(one prompt per line) or prompts=[...]; its default prompts (the HPDv2 test set) are for "
+            "evaluation only, and training on them would inflate every evaluation"
+        )
+    return list(backbone.default_prompts())
 
 
 def _eval_prompts(config: TrainConfig, backbone: Any) -> list[str]:

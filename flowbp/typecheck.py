@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from collections.abc import Mapping
 from typing import Any
 
+# A decimal number as YAML 1.2 and JSON read it. PyYAML follows YAML 1.1, where an exponent needs a dot
+# ("1.0e-4"), so ``learning_rate: 1e-4`` and ``--set learning_rate=1e-4`` arrive as the string "1e-4".
+_DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+
 
 def coerce(name: str, value: Any, annotation: Any) -> Any:
-    """Check one override against its declared type; accept ints for floats and lists for tuples."""
+    """Check one override against its declared type; accept ints for floats and lists for tuples.
+
+    A float field also accepts a string written as a decimal number (``"1e-4"``): YAML 1.1 leaves
+    exponents without a dot unparsed, and users write learning rates that way.
+    """
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
         options = typing.get_args(annotation)
@@ -52,6 +61,8 @@ def coerce(name: str, value: Any, annotation: Any) -> Any:
         raise ValueError(f"{name}: expected an integer, got {value!r}")
     if annotation is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
             return float(value)
         raise ValueError(f"{name}: expected a number, got {value!r}")
     if annotation is str:

@@ -189,6 +189,8 @@ def _missing_vae(tmp: Path, source: Path) -> Path:
         ("resolution", "resolution: 30 is not divisible by 4 (VAE factor 2 × patch 2)"),
         ("unknown", "backbone: unknown backbone 'sd5'; known: "),
         ("notfolder", "backbone_path: {p} is not a diffusers pipeline folder (no model_index.json)"),
+        # No training prompts: the default set is the HPDv2 test set, never trained on silently.
+        ("noprompts", "prompts_file: backbone 'sd3' needs training prompts: --set prompts_file=FILE"),
     ],
 )
 def test_bad_input_is_one_line_and_writes_nothing(
@@ -200,7 +202,11 @@ def test_bad_input_is_one_line_and_writes_nothing(
         "notfolder": lambda: tmp_path,
     }.get(case, lambda: tiny_sd3_dir)()
     out = tmp_path / "never"
-    extra = {"resolution": ["--set", "resolution=30"], "unknown": ["--set", "backbone=sd5"]}.get(case, [])
+    extra = {
+        "resolution": ["--set", "resolution=30"],
+        "unknown": ["--set", "backbone=sd5"],
+        "noprompts": ["--set", "prompts=null"],
+    }.get(case, [])
     assert main(_train_args(path, out, *extra)) == 2
     err = capsys.readouterr().err
     assert message.format(p=path) in err, err

@@ -137,6 +137,25 @@ def test_config_file_round_trip_and_refuses_to_overwrite(tmp_path: Path, capsys)
     assert (busy / "keep.txt").read_text() == "mine" and len(list(busy.iterdir())) == 1
 
 
+def test_exponents_without_a_dot_are_numbers(tmp_path: Path, capsys) -> None:
+    # PyYAML (YAML 1.1) reads "1e-4" as a string; float keys must still take it, from a file and from --set.
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg_file.write_text("learning_rate: 1e-4\nmethod: leapalign\nmethod_args:\n  alpha: 3E-1\n")
+    cfg = load_config(cfg_file, {"adam_eps": "1e-9", "weight_decay": "+.5e1"})
+    assert cfg.learning_rate == 1e-4 and isinstance(cfg.learning_rate, float)
+    assert cfg.adam_eps == 1e-9 and cfg.weight_decay == 5.0
+    assert cfg.method_args == {"alpha": "3E-1"}  # kept as written; the method's own schema coerces it below
+    from flowbp.methods import make_plan
+    from flowbp.trajectory import training_sigmas
+
+    plan = make_plan("leapalign", training_sigmas(25), 0, **cfg.method_args)
+    assert plan.describe() == make_plan("leapalign", training_sigmas(25), 0, alpha=0.3).describe()
+    for bad in ("1e-4x", "e-4", "1e", "abc"):
+        assert main(["train", "--output-dir", str(tmp_path / "never"), "--set", f"learning_rate={bad}"]) == 2
+        assert f"expected a number, got '{bad}'" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()
+
+
 def test_presets_load_and_default_preset_matches_builtin_defaults() -> None:
     default = load_config("digits-default")
     assert default == TrainConfig()

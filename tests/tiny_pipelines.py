@@ -14,20 +14,14 @@ from pathlib import Path
 
 import torch
 
+from flowbp.rewards.convert import bytes_to_unicode
+
 TINY_RESOLUTION = 32
 
 
 def _byte_chars() -> list[str]:
-    """GPT-2's 256 printable stand-ins for the bytes (the alphabet of a byte-level BPE)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return [chr(c) for c in cs]
+    """GPT-2's 256 printable stand-ins for the bytes (the alphabet of a byte-level BPE), in id order."""
+    return list(bytes_to_unicode().values())
 
 
 def tiny_clip_tokenizer():

@@ -18,6 +18,15 @@ from torch import nn
 VelocityFn = Callable[[torch.Tensor, float], torch.Tensor]
 
 
+def expand_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
+    """A condition of batch 1 drives a whole latent batch; any other mismatch is an error."""
+    if t.shape[0] == batch:
+        return t
+    if t.shape[0] == 1:
+        return t.expand(batch, *t.shape[1:])
+    raise ValueError(f"condition batch {t.shape[0]} does not match latent batch {batch}")
+
+
 @runtime_checkable
 class Backbone(Protocol):
     """What the trainer, the sampler and the benchmarks need from a model family."""
@@ -26,6 +35,10 @@ class Backbone(Protocol):
     name: str
     #: The velocity network whose parameters are trained (LoRA-wrapped or full).
     transformer: nn.Module
+    #: Whether :meth:`default_prompts` may also serve as training prompts. True for digits (its prompts
+    #: are the ten class labels); False for text-to-image models, whose default set is an evaluation
+    #: set (the HPDv2 test prompts): training on it would inflate every evaluation.
+    trains_on_default_prompts: bool
 
     def encode_prompts(self, prompts: Sequence[str]) -> Any:
         """Encode prompts (and the negative / null prompt when the backbone uses real CFG)."""

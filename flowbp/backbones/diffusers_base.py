@@ -115,15 +115,6 @@ class PromptCondition:
         return len(self.prompts)
 
 
-def expand_batch(t: torch.Tensor, batch: int) -> torch.Tensor:
-    """A condition of batch 1 drives a whole latent batch; any other mismatch is an error."""
-    if t.shape[0] == batch:
-        return t
-    if t.shape[0] == 1:
-        return t.expand(batch, *t.shape[1:])
-    raise ValueError(f"condition batch {t.shape[0]} does not match latent batch {batch}")
-
-
 class DiffusersBackbone:
     """Base adapter over a diffusers pipeline; implements :class:`flowbp.backbones.base.Backbone`.
 
@@ -132,6 +123,8 @@ class DiffusersBackbone:
 
     #: Registry name ("sd3", "flux1", "flux2-klein").
     name: ClassVar[str] = ""
+    #: The default prompts are the HPDv2 test prompts: an evaluation set, never trained on by default.
+    trains_on_default_prompts: ClassVar[bool] = False
     #: diffusers pipeline class name, e.g. "StableDiffusion3Pipeline" (used to load and to save LoRA).
     pipeline_class_name: ClassVar[str] = ""
     #: The transformer class a folder must hold for this backbone.

@@ -34,7 +34,7 @@ from diffusers import SD3Transformer2DModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from flowbp.backbones.base import VelocityFn
+from flowbp.backbones.base import VelocityFn, expand_batch
 from flowbp.trajectory import training_sigmas
 
 #: Directory of the weights shipped inside the package.
@@ -141,19 +141,11 @@ class DigitsCondition:
         return len(self.prompts)
 
 
-def _expand(t: torch.Tensor, batch: int) -> torch.Tensor:
-    # A single encoded prompt may drive a whole batch of latents.
-    if t.shape[0] == batch:
-        return t
-    if t.shape[0] == 1:
-        return t.expand(batch, *t.shape[1:])
-    raise ValueError(f"condition batch {t.shape[0]} does not match latent batch {batch}")
-
-
 class DigitsBackbone:
     """The digits adapter; implements :class:`flowbp.backbones.base.Backbone`."""
 
     name = "digits"
+    trains_on_default_prompts = True  # "digit 0" … "digit 9": the class labels are the whole prompt set
 
     def __init__(
         self,
@@ -275,13 +267,13 @@ class DigitsBackbone:
 
         def velocity(x: torch.Tensor, sigma: float) -> torch.Tensor:
             batch = x.shape[0]
-            ehs = _expand(condition.encoder_hidden_states, batch)
-            pooled = _expand(condition.pooled_projections, batch)
+            ehs = expand_batch(condition.encoder_hidden_states, batch)
+            pooled = expand_batch(condition.pooled_projections, batch)
             if g == 1.0:
                 t = torch.full((batch,), float(sigma) * 1000.0, device=x.device)
                 return self.transformer_forward(x, t, ehs, pooled)
-            neg_ehs = _expand(condition.negative_encoder_hidden_states, batch)
-            neg_pooled = _expand(condition.negative_pooled_projections, batch)
+            neg_ehs = expand_batch(condition.negative_encoder_hidden_states, batch)
+            neg_pooled = expand_batch(condition.negative_pooled_projections, batch)
             t = torch.full((2 * batch,), float(sigma) * 1000.0, device=x.device)
             out = self.transformer_forward(
                 torch.cat([x, x]), t, torch.cat([ehs, neg_ehs]), torch.cat([pooled, neg_pooled])

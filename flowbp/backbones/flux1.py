@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from flowbp.backbones.base import VelocityFn
-from flowbp.backbones.diffusers_base import DiffusersBackbone, PromptCondition, expand_batch
+from flowbp.backbones.base import VelocityFn, expand_batch
+from flowbp.backbones.diffusers_base import DiffusersBackbone, PromptCondition
 
 #: The paper's FLUX.1-dev training and evaluation guidance (the pipeline's own default is 3.5).
 FLUX1_GUIDANCE = 4.0

@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
-from flowbp.backbones.base import VelocityFn
-from flowbp.backbones.diffusers_base import DiffusersBackbone, PromptCondition, expand_batch
+from flowbp.backbones.base import VelocityFn, expand_batch
+from flowbp.backbones.diffusers_base import DiffusersBackbone, PromptCondition
 from flowbp.backbones.flux1 import PackedLatentsMixin
 
 #: The paper's Klein-base training / evaluation CFG scale (also the pipeline's default).

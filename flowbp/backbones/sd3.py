@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from flowbp.backbones.base import VelocityFn
-from flowbp.backbones.diffusers_base import DiffusersBackbone, PromptCondition, expand_batch
+from flowbp.backbones.base import VelocityFn, expand_batch
+from flowbp.backbones.diffusers_base import DiffusersBackbone, PromptCondition
 
 #: The SD3 LoRA recipe's targets (diffusers examples/dreambooth): both joint-attention streams.
 SD3_LORA_TARGETS: tuple[str, ...] = (
