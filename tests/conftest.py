@@ -63,3 +63,23 @@ def tiny_sd3_dir(tmp_path_factory: pytest.TempPathFactory):
     directory = tmp_path_factory.mktemp("tiny-sd3")
     build_tiny_sd3(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_flux1_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random FLUX.1 (guidance-distilled) pipeline saved once per test session."""
+    from tiny_pipelines import build_tiny_flux1
+
+    directory = tmp_path_factory.mktemp("tiny-flux1")
+    build_tiny_flux1(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2_klein_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random FLUX.2-Klein pipeline saved once per test session."""
+    from tiny_pipelines import build_tiny_flux2_klein
+
+    directory = tmp_path_factory.mktemp("tiny-flux2-klein")
+    build_tiny_flux2_klein(directory)
+    return directory

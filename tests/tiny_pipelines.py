@@ -124,3 +124,91 @@ def build_tiny_sd3(directory: str | Path, seed: int = 0):
     )
     pipe.save_pretrained(str(directory))
     return pipe
+
+
+def _flux_scheduler():
+    """FLUX.1-dev's scheduler config: exponential dynamic shifting between 0.5 and 1.15."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+
+def build_tiny_flux1(directory: str | Path, seed: int = 0):
+    """A tiny FluxPipeline (VAE factor 2, 2×2 packing: resolution multiple of 4), saved to ``directory``.
+
+    Guidance-embedded transformer (FLUX.1-dev style), plain ``CLIPTextModel`` (the pipeline reads its
+    ``pooler_output``) + T5, a 4-channel VAE with FLUX.1's scaling 0.3611 / shift 0.1159.
+    """
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=[4, 4, 8],
+        guidance_embeds=True,
+    ).eval()
+    pipe = FluxPipeline(
+        scheduler=_flux_scheduler(), vae=_autoencoder_kl(seed + 1, scaling_factor=0.3611, shift_factor=0.1159),
+        transformer=transformer,
+        text_encoder=_clip_text_model(seed + 2, projection=False), tokenizer=tiny_clip_tokenizer(),
+        text_encoder_2=_t5_model(seed + 3), tokenizer_2=tiny_t5_tokenizer(),
+    )
+    pipe.save_pretrained(str(directory))
+    return pipe
+
+
+def tiny_qwen_tokenizer():
+    """A byte-level Qwen2 tokenizer with no merges, the chat special tokens and a minimal chat template."""
+    from transformers import Qwen2Tokenizer
+
+    vocab = {c: i for i, c in enumerate(_byte_chars())}
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, pad_token="<|endoftext|>")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    return tok
+
+
+def build_tiny_flux2_klein(directory: str | Path, seed: int = 0):
+    """A tiny Flux2KleinPipeline (VAE factor 2, 2×2 patchify: resolution multiple of 4), saved to ``directory``.
+
+    The Qwen3 text encoder has 28 layers (hidden size 8) so the pipeline's default output layers
+    (9, 18, 27) exist, and joint_attention_dim = 3 × 8; the VAE's BatchNorm running statistics are
+    set to non-trivial values so that the latent (de)normalisation is exercised.
+    """
+    from diffusers import AutoencoderKLFlux2, Flux2KleinPipeline, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    hidden = 8
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=3 * hidden, timestep_guidance_channels=256,
+        axes_dims_rope=[4, 4, 4, 4], guidance_embeds=False,
+    ).eval()
+    tokenizer = tiny_qwen_tokenizer()
+    torch.manual_seed(seed + 1)
+    text_encoder = Qwen3ForCausalLM(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=16, num_hidden_layers=28,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=4, max_position_embeddings=512,
+    )).eval()
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKLFlux2(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4, 8),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        layers_per_block=1, latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+    ).eval()
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.randn_like(vae.bn.running_mean) * 0.3)
+        vae.bn.running_var.copy_(torch.rand_like(vae.bn.running_var) + 0.5)
+    pipe = Flux2KleinPipeline(
+        scheduler=_flux_scheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
+    )
+    pipe.save_pretrained(str(directory))
+    return pipe

@@ -17,6 +17,8 @@ from flowbp.backbones.base import Backbone, VelocityFn
 BACKBONES: dict[str, str] = {
     "digits": "flowbp.backbones.digits:DigitsBackbone.from_pretrained",
     "sd3": "flowbp.backbones.sd3:SD3Backbone.from_pretrained",
+    "flux1": "flowbp.backbones.flux1:Flux1Backbone.from_pretrained",
+    "flux2-klein": "flowbp.backbones.flux2_klein:Flux2KleinBackbone.from_pretrained",
 }
 
 
