@@ -227,8 +227,12 @@ def clean_temporaries(run_dir: Path) -> list[Path]:
     return gone
 
 
-def verify_checkpoint(path: Path) -> dict[str, Any]:
-    """Check every file against the manifest; returns the manifest or raises one-line CheckpointError."""
+def verify_checkpoint(path: Path, hashes: bool = True) -> dict[str, Any]:
+    """Check every file against the manifest; returns the manifest or raises one-line CheckpointError.
+
+    ``hashes=False`` checks presence and sizes only (other ranks, while rank 0 reads every byte: a
+    full fine-tuning checkpoint of a 12B model is ~150 GB, hashed once, not once per process).
+    """
     path = Path(path)
     manifest_file = path / MANIFEST
     if not manifest_file.is_file():
@@ -245,14 +249,14 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
         size = file.stat().st_size
         if size != entry["bytes"]:
             raise CheckpointError(f"checkpoint {file}: truncated or altered ({size} bytes, expected {entry['bytes']})")
-        if sha256_file(file) != entry["sha256"]:
+        if hashes and sha256_file(file) != entry["sha256"]:
             raise CheckpointError(f"checkpoint {file}: corrupt (sha256 does not match the manifest)")
     return manifest
 
 
-def read_checkpoint_meta(path: Path) -> dict[str, Any]:
+def read_checkpoint_meta(path: Path, hashes: bool = True) -> dict[str, Any]:
     """Verify and read ``state.json`` (config, step, run state) without touching any model."""
-    verify_checkpoint(path)
+    verify_checkpoint(path, hashes)
     try:
         return json.loads((Path(path) / STATE).read_text())
     except json.JSONDecodeError as exc:  # only reachable if the manifest itself was forged

@@ -389,7 +389,7 @@ def setup(config: TrainConfig, run_dir: Path | None = None, resume_from: Path | 
 
 
 def _restore(run: Run, path: Path) -> None:
-    meta = read_checkpoint_meta(path)
+    meta = read_checkpoint_meta(path, hashes=False)  # hashed by _open_run on the main process
     acc = run.accelerator
     if int(meta.get("world_size", 1)) != acc.num_processes:
         raise ValueError(
@@ -759,7 +759,7 @@ def _stop_on_signals(run: Run) -> Iterator[None]:
         run.stop_signal = signum
         if run.is_main:
             print(
-                f"\nflowbp train: {signal.Signals(signum).name} received; finishing step {run.step + 1} "
+                f"\nflowbp train: {signal.Signals(signum).name} received; finishing the current step "
                 "and writing a checkpoint …",
                 file=sys.stderr,
                 flush=True,
@@ -774,12 +774,16 @@ def _stop_on_signals(run: Run) -> Iterator[None]:
 
 
 def _test_signal_hook(run: Run) -> None:
-    """Test hook: ``FLOWBP_TEST_SIGTERM_AT=step`` makes rank 0 send itself SIGTERM after that step."""
+    """Test hook: ``FLOWBP_TEST_SIGTERM_AT=step`` makes rank 0 send itself SIGTERM after that step
+    (``step:SIGINT`` sends SIGINT, as Ctrl-C does)."""
     import os
 
     at = os.environ.get("FLOWBP_TEST_SIGTERM_AT")
-    if at and int(at) == run.step and run.is_main:
-        os.kill(os.getpid(), signal.SIGTERM)
+    if not at or not run.is_main:
+        return
+    step, _, name = at.partition(":")
+    if int(step) == run.step:
+        os.kill(os.getpid(), signal.Signals[name or "SIGTERM"])
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -797,7 +801,10 @@ def _open_run(resume: str | Path) -> tuple[TrainConfig, Path, Path | None]:
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         return config, run_dir, None
-    meta = read_checkpoint_meta(ckpt)
+    import os
+
+    # every rank checks sizes; the main process (RANK 0, or a single process) also every hash
+    meta = read_checkpoint_meta(ckpt, hashes=os.environ.get("RANK", "0") == "0")
     changes = _config_changes(meta["config"], config.to_dict())
     if changes:
         raise ValueError(

@@ -172,6 +172,20 @@ def _edit_config(run: Path, **changes) -> None:
     (run / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
 
+def _other_world_size(run: Path) -> None:
+    """A consistent checkpoint (manifest updated) written by 2 processes, resumed by 1."""
+    from flowbp.checkpoint import sha256_file
+
+    ckpt = run / "checkpoints/step-000002"
+    state = json.loads((ckpt / "state.json").read_text())
+    state["world_size"] = 2
+    (ckpt / "state.json").write_text(json.dumps(state, indent=1))
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"]["state.json"] = {"bytes": (ckpt / "state.json").stat().st_size,
+                                       "sha256": sha256_file(ckpt / "state.json")}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
 RESUME_CASES = {
     "checkpoint file truncated": (_truncate, [], "trainable.safetensors: truncated or altered"),
     "checkpoint file corrupt": (_flip_byte, [], "state.json: corrupt (sha256 does not match"),
@@ -199,6 +213,11 @@ RESUME_CASES = {
         lambda r: (r / "config.yaml").write_text("steps: [\n"),
         [],
         "is not valid YAML",
+    ),
+    "checkpoint from another number of processes": (
+        _other_world_size,
+        [],
+        "was written by 2 processes but this launch has 1; relaunch with 2",
     ),
     "--resume with --set": (lambda r: None, ["--set", "steps=5"], "--resume: takes the run's saved config.yaml"),
 }

@@ -122,6 +122,22 @@ def test_sigterm_checkpoints_and_resume_finishes_with_the_same_weights(tmp_path:
     assert_same_weights(run, reference)
 
 
+def test_ctrl_c_finishes_the_step_checkpoints_and_resume_matches(
+    tmp_path: Path, reference: Path, monkeypatch, capsys
+) -> None:
+    """SIGINT (Ctrl-C) in-process: same handler as SIGTERM, exit code 130, one line, resumable."""
+    monkeypatch.setenv("FLOWBP_TEST_SIGTERM_AT", "3:SIGINT")
+    run = tmp_path / "run"
+    assert main(["train", "--output-dir", str(run), *set_args({**TINY, "checkpoint_every": 0})]) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert any("SIGINT received; finishing the current step" in line for line in err)
+    assert "stopped by SIGINT after step 3 of 4" in err[-1] and f"flowbp train --resume {run}" in err[-1]
+    assert [p.name for p in list_checkpoints(run)] == ["step-000003"]
+    monkeypatch.delenv("FLOWBP_TEST_SIGTERM_AT")
+    assert train(resume=run) is not None
+    assert_same_weights(run, reference)
+
+
 def test_nan_reward_steps_are_skipped_counted_and_weights_stay_finite(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("FLOWBP_TEST_NAN_STEPS", "2,3")
     run = tmp_path / "run"
