@@ -2,8 +2,8 @@
 
 ``flowbp train ... --dry-run`` builds the full-size transformer (and VAE) of the configured backbone
 from its published config on the ``meta`` device (shapes only: no weights, no memory, no download),
-runs one gradient forward at the configured resolution, batch and dtype under the saved-tensor meter
-(:mod:`flowbp.memory`), and adds up
+runs one gradient forward at the configured resolution, micro-batch and dtype under the saved-tensor
+meter (:mod:`flowbp.memory`), and adds up
 
     peak ≈ weights + gradients + AdamW + EMA                       (trainable parameters in fp32)
          + grad forwards of the method × bytes saved by one forward
@@ -13,6 +13,10 @@ Transformer gradient checkpointing is accounted for: the checkpointed blocks kee
 and one block's activations are rebuilt at a time in backward. Not included: the reward model (its
 weights and activations; HPSv2's ViT-H adds a few GB), the text encoders (they leave the accelerator
 after encoding), the allocator's fragmentation and CUDA workspaces. Treat the figure as a floor.
+
+Memory is per process: ``batch_size`` is the global batch of one optimizer step, split into
+``processes × gradient_accumulation_steps`` micro-batches, and one process only ever holds the
+activations of its micro-batch (``--processes P``, default 1).
 """
 
 from __future__ import annotations
@@ -328,6 +332,14 @@ class Estimate:
     weights_bytes: int
     optimizer_bytes: int  # gradients + AdamW moments (+ EMA copy)
     latent_bytes: int
+    # the layout: ``batch_size`` above is the micro-batch of one process;
+    # global batch = processes × accumulation × micro-batch
+    processes: int = 1
+    accumulation: int = 1
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.processes * self.accumulation
 
     @property
     def activation_bytes(self) -> int:
@@ -348,9 +360,16 @@ class Estimate:
     def report(self) -> str:
         g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
         ckpt = " (per-call checkpointing: inputs kept, one call rebuilt)" if self.checkpointed_plan else ""
+        # FSDP shards over the processes actually asked for; with one, over the paper's 8 GPUs
+        gpus = self.processes if self.processes > 1 else 8
+        fsdp = (f"(--processes {gpus})" if self.processes > 1
+                else "(the paper's 8; this micro-batch's activations; --processes P for your layout)")
+        procs = f"{self.processes} process{'es' if self.processes > 1 else ''}"
         return "\n".join([
             f"dry run: {self.title} ({self.backbone}) × {self.method}, {self.finetune} fine-tuning, "
-            f"{self.resolution}² px, batch {self.batch_size}, {self.dtype} compute (meta device: no weights loaded)",
+            f"{self.resolution}² px, {self.dtype} compute (meta device: no weights loaded)",
+            f"  micro-batch per process        {self.batch_size}  (global batch {self.global_batch} = "
+            f"{procs} × {self.accumulation} accumulation × {self.batch_size})",
             f"  parameters            {self.parameters:>16,}",
             f"  trainable             {self.trainable:>16,}",
             f"  saved by one grad forward      {g(self.forward_bytes)}",
@@ -361,7 +380,7 @@ class Estimate:
             f"  activations                    {g(self.activation_bytes)}",
             f"  estimated peak                 {g(self.peak_bytes)}  (floor: reward model and allocator overhead"
             " not included)",
-            f"  per GPU, FSDP over 8 GPUs      {g(self.sharded_peak_bytes(8))}",
+            f"  {f'per GPU, FSDP over {gpus} GPUs':<30} {g(self.sharded_peak_bytes(gpus))}  {fsdp}",
         ])
 
 
@@ -451,18 +470,36 @@ def estimate(
     )
 
 
-def estimate_config(config: Any) -> Estimate:
-    """The estimate for a :class:`~flowbp.config.TrainConfig` (``flowbp train --dry-run``)."""
+def micro_batch(batch_size: int, processes: int, accumulation: int) -> int:
+    """The per-process micro-batch of a global ``batch_size`` (as :mod:`flowbp.train` splits it)."""
+    if processes < 1:
+        raise ValueError(f"--processes: must be >= 1, got {processes}")
+    shards = processes * accumulation
+    if batch_size % shards:
+        raise ValueError(
+            f"--processes: batch_size {batch_size} (the global batch) is not divisible by processes ({processes})"
+            f" × gradient_accumulation_steps ({accumulation}) = {shards}"
+        )
+    return batch_size // shards
+
+
+def estimate_config(config: Any, processes: int = 1) -> Estimate:
+    """The per-process estimate for a :class:`~flowbp.config.TrainConfig` launched on ``processes``
+    processes (``flowbp train --dry-run [--processes P]``): one micro-batch of the global batch."""
     if config.backbone not in ARCHITECTURES:
         known = ", ".join(sorted(ARCHITECTURES))
         raise ValueError(f"backbone: --dry-run covers the full-size architectures ({known}), got {config.backbone!r}")
+    accumulation = config.gradient_accumulation_steps
+    micro = micro_batch(config.batch_size, processes, accumulation)
     compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
     if compute is None:
         compute = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.dtype, torch.float32)
-    return estimate(
+    est = estimate(
         ARCHITECTURES[config.backbone], config.method, config.method_args,
-        resolution=config.resolution or 512, batch_size=config.batch_size, num_steps=config.num_inference_steps,
+        resolution=config.resolution or 512, batch_size=micro, num_steps=config.num_inference_steps,
         finetune=config.finetune, lora_rank=config.lora_rank, dtype=compute, guidance_scale=config.guidance_scale,
         detach_negative=config.detach_negative, gradient_checkpointing=config.gradient_checkpointing,
         vae_gradient_checkpointing=config.vae_gradient_checkpointing, ema=config.ema,
     )
+    est.processes, est.accumulation = processes, accumulation
+    return est

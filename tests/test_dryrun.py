@@ -10,7 +10,8 @@ import torch
 
 from flowbp.backbones import load_backbone
 from flowbp.cli import main
-from flowbp.dryrun import ARCHITECTURES, build_meta, estimate, forward_saved_bytes, plan_cost
+from flowbp.config import load_config
+from flowbp.dryrun import ARCHITECTURES, build_meta, estimate, estimate_config, forward_saved_bytes, plan_cost
 from flowbp.engine import surrogate
 from flowbp.memory import saved_tensor_bytes
 from flowbp.methods import make_plan
@@ -93,3 +94,27 @@ def test_dry_run_cli(capsys) -> None:
     assert "SD3.5-Medium (sd3) × flowbp-lagrange" in out and "2,243,171,520" in out and "estimated peak" in out
     assert main(["train", "--dry-run"]) == 2
     assert "backbone: --dry-run covers the full-size architectures" in capsys.readouterr().err
+
+
+def test_dry_run_estimates_one_micro_batch_per_process(capsys) -> None:
+    """batch_size is global: 4 processes × accumulation 2 of the preset's 64 hold micro-batches of 8."""
+    lora_128 = {"finetune": "lora", "resolution": 128}
+    split = estimate_config(load_config("sd35-refl", {**lora_128, "gradient_accumulation_steps": 2}), processes=4)
+    alone = estimate_config(load_config("sd35-refl", {**lora_128, "batch_size": 8}))
+    assert (split.batch_size, split.global_batch, alone.global_batch) == (8, 64, 8)
+    assert (split.forward_bytes, split.decode_bytes) == (alone.forward_bytes, alone.decode_bytes)
+    assert split.peak_bytes == alone.peak_bytes and split.sharded_peak_bytes(4) < split.peak_bytes
+    whole = estimate_config(load_config("sd35-refl", lora_128))  # one process, no accumulation: all 64 at once
+    assert whole.batch_size == 64 and whole.decode_bytes == 8 * alone.decode_bytes
+    args = ["train", "--config", "sd35-refl", "--set", "finetune=lora", "--set", "resolution=128",
+            "--set", "gradient_accumulation_steps=2", "--dry-run", "--processes", "4"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "micro-batch per process        8  (global batch 64 = 4 processes × 2 accumulation × 8)" in out
+    assert "per GPU, FSDP over 4 GPUs" in out and "(--processes 4)" in out
+    assert main([*args[:-1], "3"]) == 2  # 64 is not divisible by 3 × 2
+    err = capsys.readouterr().err
+    assert "--processes: batch_size 64 (the global batch) is not divisible by processes (3)" in err
+    assert "gradient_accumulation_steps (2) = 6" in err and len(err.strip().splitlines()) == 1
+    assert main(["train", "--processes", "2"]) == 2
+    assert "--processes: only with --dry-run" in capsys.readouterr().err

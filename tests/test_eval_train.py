@@ -95,3 +95,27 @@ def test_bad_eval_config_is_one_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="eval_metrics: 'sharpness' is not a metric"):
         validate_against_components(load_config(None, {"eval_metrics": ["digit-ink", "sharpness"]}))
+
+
+@pytest.mark.slow
+def test_periodic_eval_under_two_processes_equals_one_process(tmp_path: Path) -> None:
+    """Every rank samples the evaluation (DDP may sync in forward), only rank 0 writes; same scores as 1 process."""
+    import os
+    import subprocess
+    import sys
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("digit 2\ndigit 5\n")
+    cfg = {"steps": 4, "batch_size": 4, "num_inference_steps": 5, "eval_samples_per_prompt": 2, "sample_every": 0,
+           "checkpoint_every": 0, "progress": False, "eval_every": 2, "eval_prompts_file": str(prompts)}
+    two, one = tmp_path / "two", tmp_path / "one"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "flowbp",
+           "train", "--output-dir", str(two), *[a for k, v in cfg.items() for a in ("--set", f"{k}={json.dumps(v)}")]]
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(cmd, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    train(load_config(None, {**cfg, "output_dir": str(one)}))
+    for step in ("step-000002", "step-000004"):
+        assert _records(two / "eval" / step) == _records(one / "eval" / step)
+    assert [h["step"] for h in json.loads((two / "history.json").read_text()) if "eval" in h] == [2, 4]

@@ -20,8 +20,11 @@ def run(args: argparse.Namespace) -> int:
     if args.dry_run:  # memory estimate of the full-size architecture on the meta device; nothing is written
         from flowbp.dryrun import estimate_config
 
-        print(estimate_config(load_config(args.config, overrides)).report())
+        processes = 1 if args.processes is None else args.processes
+        print(estimate_config(load_config(args.config, overrides), processes=processes).report())
         return 0
+    if args.processes is not None:
+        raise ValueError("--processes: only with --dry-run (a run takes its processes from its launcher)")
     if args.resume is not None:
         if args.config is not None or overrides:
             raise ValueError("--resume: takes the run's saved config.yaml; do not combine it with --config/--set")
@@ -72,5 +75,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--dry-run",
         action="store_true",
         help="estimate parameters and peak memory of the full-size model (meta device: no weights, nothing written)",
+    )
+    p.add_argument(
+        "--processes",
+        type=int,
+        metavar="P",
+        help="with --dry-run: processes (GPUs) the run will use; memory is estimated for one micro-batch, "
+        "batch_size / (P × gradient_accumulation_steps) (default 1)",
     )
     p.set_defaults(func=run)

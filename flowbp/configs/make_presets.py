@@ -5,8 +5,12 @@
 Source: the authors' released final configs (shared/reference/paper_hyperparameters.md, sections 6.1–6.3):
 full fine-tuning, AdamW lr 1e-5 (weight decay 1e-4), EMA 0.995, 300 steps, 512 px, 25 steps on the
 paper's grid, hinge ReLU(0.55 − r) on HPSv2.1, per-method batch and knobs, CFG and its backward
-compensation. Batches are the paper's per-GPU batch (it ran 8 GPUs). AlignProp and DRaFT-K have no
-released config; their presets use flowbp's method defaults and say so. Every preset runs with LoRA
+compensation. ``batch_size`` is flowbp's GLOBAL batch per optimizer step, so each preset writes the
+paper's global batch: per-GPU batch × 8 GPUs (its launch scripts' default) × gradient accumulation,
+with the paper's ``gradient_accumulation_steps``; launched on 8 GPUs it is the paper's layout, and on
+fewer GPUs raising ``gradient_accumulation_steps`` keeps both the global and the per-GPU batch (each
+header says how). AlignProp and DRaFT-K have no released config; their presets use flowbp's method
+defaults (per-GPU batch 4, same convention) and say so. Every preset runs with LoRA
 by adding ``--set finetune=lora`` (LoRA usually wants a larger learning rate, e.g. 1e-4).
 """
 
@@ -47,7 +51,12 @@ LAGRANGE_COMMON = {
     "anchor_lambda": 1.0, "jk_sampling": "dirichlet", "dirichlet": [2.5, 6.0, 2.0],
 }
 
-#: (prefix, method) -> (per-GPU batch, method_args, extra config keys, comment)
+#: GPUs of the paper's runs (shared/reference/paper_hyperparameters.md §6.1: NPROC_PER_NODE=8, one node)
+PAPER_GPUS = 8
+#: the paper's gradient accumulation where it is not 1 (§6.3)
+PAPER_ACCUMULATION: dict[tuple[str, str], int] = {("flux2-klein", "draft-lv"): 2}
+
+#: (prefix, method) -> (the paper's PER-GPU batch, method_args, extra config keys, comment)
 METHODS: dict[tuple[str, str], tuple[int, dict[str, Any], dict[str, Any], str]] = {
     # ---------------------------------------------------------------- FLUX.1-dev
     ("flux1", "refl"): (4, {"last_n_steps": 11}, {}, ""),
@@ -61,8 +70,7 @@ METHODS: dict[tuple[str, str], tuple[int, dict[str, Any], dict[str, Any], str]] 
         8, {"alpha": 0.1, "tau": 0.2, "grad_rescale": 0.5, **LAGRANGE_COMMON}, {}, ""),
     # ---------------------------------------------------------------- FLUX.2-Klein-base-9B
     ("flux2-klein", "refl"): (4, {"last_n_steps": 11}, {}, ""),
-    ("flux2-klein", "draft-lv"): (
-        4, {"num_noised": 2}, {}, "the paper: batch 2 per GPU × gradient accumulation 2 (same samples per step)"),
+    ("flux2-klein", "draft-lv"): (2, {"num_noised": 2}, {}, ""),  # × gradient accumulation 2
     ("flux2-klein", "drtune"): (4, {"num_train_steps": 3, "early_stop_ratio": 0.4}, {}, ""),
     ("flux2-klein", "leapalign"): (4, {"alpha": 0.3, "tau": 0.1, "jk_sampling": "uniform"}, {}, ""),
     ("flux2-klein", "flowbp-sparse"): (4, {"num_active": 4, "late_bias": 2.0, "grad_rescale": 0.0}, {}, ""),
@@ -87,18 +95,39 @@ METHODS: dict[tuple[str, str], tuple[int, dict[str, Any], dict[str, Any], str]] 
         8, {"alpha": 0.1, "tau": 0.2, "grad_rescale": 0.0, "max_j_rev": 10, **LAGRANGE_COMMON}, {}, ""),
 }
 UNRELEASED = {
-    "alignprop": (4, {"checkpoint": True}, "AlignProp has no released FlowBP config: flowbp's defaults, batch 4"),
-    "draft-k": (4, {"k": 1}, "DRaFT-K has no released FlowBP config: flowbp's defaults (K = 1), batch 4"),
+    "alignprop": (
+        4, {"checkpoint": True}, "AlignProp has no released FlowBP config: flowbp's defaults, per-GPU batch 4"),
+    "draft-k": (4, {"k": 1}, "DRaFT-K has no released FlowBP config: flowbp's defaults (K = 1), per-GPU batch 4"),
 }
 for _prefix in BACKBONES:
     for _method, (_batch, _args, _note) in UNRELEASED.items():
         METHODS[(_prefix, _method)] = (_batch, _args, {}, _note)
 
 
+def batch_layout(prefix: str, method: str) -> tuple[int, int, list[str]]:
+    """(global batch, gradient accumulation, header lines) of the paper's layout for one preset."""
+    per_gpu = METHODS[(prefix, method)][0]
+    accumulation = PAPER_ACCUMULATION.get((prefix, method), 1)
+    batch = per_gpu * PAPER_GPUS * accumulation
+    layout = f"{PAPER_GPUS} GPUs × {per_gpu} per GPU"
+    if accumulation > 1:
+        layout += f" × gradient accumulation {accumulation}"
+    one_gpu = PAPER_GPUS * accumulation  # accumulation that keeps per_gpu samples per micro-batch on 1 GPU
+    lines = [
+        f"Batch: the paper's layout, {layout} = global {batch} (batch_size is the global batch per step).",
+        f"Fewer GPUs: keep batch_size, raise gradient_accumulation_steps so that batch_size / (GPUs ×"
+        f" accumulation) = {per_gpu};",
+        f"  e.g. one GPU: --set gradient_accumulation_steps={one_gpu}"
+        f" (4 GPUs: --set gradient_accumulation_steps={one_gpu // 4}).",
+    ]
+    return batch, accumulation, lines
+
+
 def preset(prefix: str, method: str) -> tuple[dict[str, Any], str]:
     """The config mapping of one preset and its header comment."""
     bb = BACKBONES[prefix]
-    batch, method_args, extra, note = METHODS[(prefix, method)]
+    _, method_args, extra, note = METHODS[(prefix, method)]
+    batch, accumulation, batch_lines = batch_layout(prefix, method)
     config: dict[str, Any] = {
         "backbone": bb["backbone"],
         "backbone_path": bb["backbone_path"],
@@ -114,7 +143,8 @@ def preset(prefix: str, method: str) -> tuple[dict[str, Any], str]:
         "detach_negative": True,
         "cfg_grad_compensate": False,
         "steps": 300,
-        "batch_size": batch,
+        "batch_size": batch,  # GLOBAL: the paper's per-GPU batch × 8 GPUs × accumulation
+        "gradient_accumulation_steps": accumulation,
         "finetune": "full",
         "learning_rate": 1e-5,
         "weight_decay": 1e-4,
@@ -141,6 +171,7 @@ def preset(prefix: str, method: str) -> tuple[dict[str, Any], str]:
         f"{bb['title']} × {method}: the FlowBP paper's released settings (generated by make_presets.py).",
         f"  flowbp train --config {prefix}-{method} --set prompts_file=PROMPTS.txt [--set finetune=lora]",
         "backbone_path is the hub id, resolved from your local cache (or --set backbone_path=DIR).",
+        *batch_lines,
     ]
     if note:
         lines.append(f"Note: {note}.")
