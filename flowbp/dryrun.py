@@ -29,6 +29,10 @@ from typing import Any
 import torch
 from torch import nn
 
+# The LoRA targets are the adapters' own defaults, so the estimate trains exactly what training would.
+from flowbp.backbones.flux1 import FLUX1_LORA_TARGETS
+from flowbp.backbones.flux2_klein import KLEIN_LORA_TARGETS
+from flowbp.backbones.sd3 import SD3_LORA_TARGETS
 from flowbp.memory import saved_tensor_bytes, storage_key
 
 GiB = 1024**3
@@ -114,10 +118,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         vae_config=_vae_kl_config(16, 1.5305, 0.0609),
         vae_latent_channels=16,
         text_len=77 + 512,
-        lora_targets=(
-            "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-            "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
-        ),
+        lora_targets=SD3_LORA_TARGETS,
         make_inputs=_sd3_inputs,
         real_cfg=True,
     ),
@@ -134,11 +135,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         vae_config=_vae_kl_config(16, 0.3611, 0.1159),
         vae_latent_channels=16,
         text_len=512,
-        lora_targets=(
-            "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
-            "attn.add_v_proj", "attn.to_add_out", "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj",
-            "ff_context.net.2",
-        ),
+        lora_targets=FLUX1_LORA_TARGETS,
         make_inputs=_flux1_inputs,
         real_cfg=False,  # guidance-distilled: no negative branch
     ),
@@ -156,9 +153,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         vae_config={"latent_channels": 32},
         vae_latent_channels=32,
         text_len=512,
-        lora_targets=(
-            r".*(single_transformer_blocks\.\d+\.attn\.to_out|\.(to_q|to_k|to_v|to_out\.0|to_qkv_mlp_proj))$"
-        ),
+        lora_targets=KLEIN_LORA_TARGETS,
         make_inputs=_klein_inputs,
         real_cfg=True,
     ),
