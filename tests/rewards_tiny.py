@@ -48,3 +48,18 @@ def smooth_images(n: int, h: int, w: int, seed: int = 0) -> torch.Tensor:
     base = torch.rand(n, 3, h // 8 + 2, w // 8 + 2, generator=g)
     img = torch.nn.functional.interpolate(base, size=(h, w), mode="bilinear", align_corners=False)
     return (img + 0.03 * torch.randn(n, 3, h, w, generator=g)).clamp(0, 1)
+
+
+def assert_pixel_gradient_matches_finite_differences(
+    reward: torch.nn.Module, images: torch.Tensor, prompts: list[str], direction_seed: int
+) -> None:
+    """Autograd's directional derivative of the summed score equals a central difference (float64)."""
+    images = images.double().clamp(0.05, 0.95).requires_grad_(True)
+    direction = torch.randn(images.shape, generator=torch.Generator().manual_seed(direction_seed), dtype=torch.float64)
+    reward(images, prompts).sum().backward()
+    analytic = (images.grad * direction).sum()
+    eps = 1e-5
+    with torch.no_grad():
+        forward, backward = reward(images + eps * direction, prompts), reward(images - eps * direction, prompts)
+        numeric = (forward - backward).sum() / (2 * eps)
+    assert torch.allclose(analytic, numeric, rtol=1e-5, atol=1e-8), (analytic, numeric)

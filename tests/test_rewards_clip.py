@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from rewards_tiny import clip_folder, smooth_images
+from rewards_tiny import assert_pixel_gradient_matches_finite_differences, clip_folder, smooth_images
 from transformers import CLIPModel, CLIPVisionModelWithProjection
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
@@ -136,16 +136,7 @@ def test_weighted_sum_of_real_rewards(clip_dir):
 def test_pixel_gradient_matches_finite_differences(clip_dir):
     """The gradient is the derivative of the score, through resize, crop, clamp and the model (float64)."""
     reward = load_reward("pickscore", path=clip_dir).double()
-    g = torch.Generator().manual_seed(0)
-    images = smooth_images(1, 120, 200, seed=9).double().clamp(0.05, 0.95).requires_grad_(True)
-    direction = torch.randn(images.shape, generator=g, dtype=torch.float64)
-    reward(images, PROMPTS[:1]).sum().backward()
-    analytic = (images.grad * direction).sum()
-    eps = 1e-5
-    with torch.no_grad():
-        numeric = (reward(images + eps * direction, PROMPTS[:1]) - reward(images - eps * direction, PROMPTS[:1])) / (
-            2 * eps)
-    assert torch.allclose(analytic, numeric.sum(), rtol=1e-5, atol=1e-8), (analytic, numeric)
+    assert_pixel_gradient_matches_finite_differences(reward, smooth_images(1, 120, 200, seed=9), PROMPTS[:1], 0)
 
 
 def test_half_precision_weights_score_close_to_float32(clip_dir):

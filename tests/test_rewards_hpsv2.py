@@ -9,7 +9,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from rewards_tiny import IMAGE, PATCH, byte_vocab, clip_tokenizer, smooth_images
+from rewards_tiny import (
+    IMAGE,
+    PATCH,
+    assert_pixel_gradient_matches_finite_differences,
+    byte_vocab,
+    clip_tokenizer,
+    smooth_images,
+)
 
 from flowbp.cli import main as cli_main
 from flowbp.rewards import load_reward
@@ -311,11 +318,4 @@ def test_vit_h14_shapes_convert_to_the_hps_architecture():
 
 def test_hpsv2_pixel_gradient_matches_finite_differences(tmp_path):
     reward = load_reward("hpsv2", path=_hps_dir(tmp_path)).double()
-    images = smooth_images(1, 90, 150, seed=6).double().clamp(0.05, 0.95).requires_grad_(True)
-    direction = torch.randn(images.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    reward(images, PROMPTS[:1]).sum().backward()
-    eps = 1e-5
-    with torch.no_grad():
-        numeric = (reward(images + eps * direction, PROMPTS[:1]) - reward(images - eps * direction, PROMPTS[:1])) / (
-            2 * eps)
-    assert torch.allclose((images.grad * direction).sum(), numeric.sum(), rtol=1e-5, atol=1e-8)
+    assert_pixel_gradient_matches_finite_differences(reward, smooth_images(1, 90, 150, seed=6), PROMPTS[:1], 2)

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from rewards_tiny import IMAGE, PATCH, smooth_images
+from rewards_tiny import IMAGE, PATCH, assert_pixel_gradient_matches_finite_differences, smooth_images
 
 from flowbp.cli import main as cli_main
 from flowbp.rewards import load_reward
@@ -218,11 +218,4 @@ def test_imagereward_v1_shapes_convert_to_the_blip_architecture():
 
 def test_imagereward_pixel_gradient_matches_finite_differences(ir_dir):
     reward = load_reward("imagereward", path=ir_dir).double()
-    images = smooth_images(1, 240, 180, seed=8).double().clamp(0.05, 0.95).requires_grad_(True)
-    direction = torch.randn(images.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    reward(images, PROMPTS[:1]).sum().backward()
-    eps = 1e-5
-    with torch.no_grad():
-        numeric = (reward(images + eps * direction, PROMPTS[:1]) - reward(images - eps * direction, PROMPTS[:1])) / (
-            2 * eps)
-    assert torch.allclose((images.grad * direction).sum(), numeric.sum(), rtol=1e-5, atol=1e-8)
+    assert_pixel_gradient_matches_finite_differences(reward, smooth_images(1, 240, 180, seed=8), PROMPTS[:1], 1)
