@@ -194,14 +194,19 @@ def load_metric(spec: str, reward_paths: Mapping[str, str] | None = None, device
 
 
 def read_prompts(path: str | Path, field_name: str = "--prompts") -> list[str]:
-    """One prompt per line (blank lines skipped; a trailing newline is fine)."""
+    """One prompt per line (blank lines skipped; a trailing newline is fine); ``field_name`` heads every error.
+
+    The one reader of prompt files: ``flowbp eval --prompts`` and training's ``prompts_file`` /
+    ``eval_prompts_file``.
+    """
     file = Path(path)
     if not file.is_file():
         raise ValueError(f"{field_name}: prompts file not found: {file}")
     try:
         text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(f"{field_name}: {file} is not UTF-8 text (one prompt per line)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = "not UTF-8" if isinstance(exc, UnicodeDecodeError) else exc.strerror or type(exc).__name__
+        raise ValueError(f"{field_name}: cannot read {file} as text ({reason}; one prompt per line)") from None
     prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"{field_name}: {file} holds no prompts (one prompt per line)")

@@ -52,7 +52,7 @@ from flowbp.checkpoint import (
 )
 from flowbp.config import TrainConfig, load_config, save_config, validate_against_components
 from flowbp.engine import surrogate
-from flowbp.evaluate import EvalResult, evaluate, periodic_eval
+from flowbp.evaluate import EvalResult, evaluate, periodic_eval, read_prompts
 from flowbp.images import image_grid, plot_curves, save_grid
 from flowbp.losses import reward_loss
 from flowbp.methods import make_plan
@@ -119,14 +119,7 @@ def default_run_dir(config: TrainConfig) -> Path:
 
 def _read_prompts(config: TrainConfig, backbone: Any) -> list[str]:
     if config.prompts_file is not None:
-        try:
-            text = Path(config.prompts_file).read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ValueError(f"prompts_file: cannot read {config.prompts_file} as text ({exc})") from exc
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError(f"prompts_file: {config.prompts_file} holds no prompts")
-        return prompts
+        return read_prompts(config.prompts_file, "prompts_file")
     if config.prompts is not None:
         return list(config.prompts)
     if not getattr(backbone, "trains_on_default_prompts", False):
@@ -140,9 +133,7 @@ def _read_prompts(config: TrainConfig, backbone: Any) -> list[str]:
 
 def _eval_prompts(config: TrainConfig, backbone: Any) -> list[str]:
     if config.eval_prompts_file is not None:
-        prompts = [line.strip() for line in Path(config.eval_prompts_file).read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise ValueError(f"eval_prompts_file: {config.eval_prompts_file} holds no prompts")
+        prompts = read_prompts(config.eval_prompts_file, "eval_prompts_file")
     else:
         prompts = list(backbone.default_prompts())
     return prompts[: config.eval_max_prompts]
