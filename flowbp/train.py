@@ -37,6 +37,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 
+from flowbp import guard
 from flowbp.checkpoint import (
     atomic_write_text,
     checkpoint_dir,
@@ -98,6 +99,7 @@ class Run:
     skipped: int = 0  # non-finite steps skipped so far
     consecutive_skips: int = 0
     stop_signal: int | None = None  # set by the SIGTERM / SIGINT handler; acted on after the step
+    guard: Any = None  # flowbp.guard.Guard when the config has a guard list
 
     @property
     def is_main(self) -> bool:
@@ -374,6 +376,7 @@ def setup(config: TrainConfig, run_dir: Path | None = None, resume_from: Path | 
         ema=ema,
         generators=make_generators(config, accelerator.process_index),
         sigmas=backbone.sigmas(config.num_inference_steps),
+        guard=guard.make_guard(config),
     )
     if resume_from is not None:
         _restore(run, resume_from)
@@ -424,6 +427,8 @@ def _restore(run: Run, path: Path) -> None:
     state = meta["state"]
     run.history, run.before = state["history"], state["before"]
     run.skipped, run.consecutive_skips = int(state.get("skipped", 0)), int(state.get("consecutive_skips", 0))
+    if run.guard is not None:
+        run.guard.load_state_dict(state.get("guard"))
 
 
 def _checkpoint(run: Run) -> Path:
@@ -449,6 +454,7 @@ def _checkpoint(run: Run) -> Path:
             "before": run.before,
             "skipped": run.skipped,
             "consecutive_skips": run.consecutive_skips,
+            "guard": run.guard.state_dict() if run.guard is not None else None,
         }
         path = save_checkpoint(
             run.run_dir,
@@ -685,6 +691,7 @@ def finish(run: Run, start_time: float) -> dict[str, Any]:
         "after": after.summary(),
         "reward_improvement": _paired(before_rewards, after.rewards),
     }
+    guard.on_finish(run, summary)
     for key, values in after.per_sample.items():
         prior = torch.tensor(run.before["per_sample"][key], dtype=torch.float64)
         summary[f"{key}_change"] = _paired(prior, values)
@@ -875,6 +882,7 @@ def _loop(run: Run, start_time: float, stop_after: int | None, tqdm: Any) -> dic
             "per_sample": {"reward": before.rewards.tolist(), **{k: v.tolist() for k, v in before.per_sample.items()}},
         }
         _save_grid(run, "step-000000")
+    guard.on_start(run)
     bar = tqdm(
         total=c.steps,
         initial=run.step,
@@ -884,10 +892,13 @@ def _loop(run: Run, start_time: float, stop_after: int | None, tqdm: Any) -> dic
         dynamic_ncols=True,
     )
     try:
-        while run.step < c.steps:
+        while run.step < c.steps and not guard.stopped(run):
             record = train_step(run)
             if c.eval_every and run.step % c.eval_every == 0:
-                record["eval"] = periodic_eval(run)  # the held-out evaluation of `flowbp eval`, into history.json
+                kept: dict[str, Any] = {}
+                record["eval"] = periodic_eval(run, keep=kept)  # the held-out evaluation of `flowbp eval`
+                if run.guard is not None:
+                    record["guard"] = guard.on_eval(run, kept, _checkpoint)
             _log(run, record)
             _test_signal_hook(run)
             bar.update(1)
