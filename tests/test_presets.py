@@ -13,7 +13,8 @@ from flowbp.config import PRESETS_DIR, load_config, validate_against_components
 from flowbp.methods import available_methods
 from flowbp.rewards import REWARDS
 
-METHODS = [m for m in available_methods() if m != "custom"]
+# the paper's methods (coarse-leap, beyond the paper, ships digits presets only: digits-coarse-leap*.yaml)
+METHODS = [m for m in available_methods() if m not in ("custom", "coarse-leap")]
 PREFIXES = ["sd35", "flux1", "flux2-klein"]
 BACKBONE_OF = {"sd35": "sd3", "flux1": "flux1", "flux2-klein": "flux2-klein"}
 
