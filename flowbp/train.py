@@ -900,6 +900,8 @@ def _loop(run: Run, start_time: float, stop_after: int | None, tqdm: Any) -> dic
                 if run.guard is not None:
                     record["guard"] = guard.on_eval(run, kept, _checkpoint)
             _log(run, record)
+            if guard.stopped(run):
+                break  # finish now: checkpoint, final evaluation, weights, summary saying why
             _test_signal_hook(run)
             bar.update(1)
             recent = [h for h in run.history[-10:] if not h["skipped"]]

@@ -193,30 +193,30 @@ def test_guard_stops_a_hacking_run_and_resume_keeps_its_state(tmp_path: Path) ->
             "progress": False,
             "reward": "digit-contrast",
             "loss": "linear",
-            "learning_rate": 0.03,
-            "eval_every": 2,
+            "learning_rate": 0.01,
+            "eval_every": 1,
             "output_dir": str(out),
             "log_with": "none",
             "guard": [
                 {"metric": "heldout-correct", "tolerance": 0.02, "action": "stop"},
-                {"metric": "heldout-fd", "tolerance": 0.0, "action": "warn"},
+                {"metric": "heldout-fd", "tolerance": 5.0, "action": "warn"},
             ],
         },
     )
-    assert train(config, stop_after=2) is None
+    assert train(config, stop_after=1) is None  # step 1: the EMA has barely moved; not flagged
     first = json.loads(next((out / "checkpoints").iterdir()).joinpath("state.json").read_text())["state"]["guard"]
-    assert [e["step"] for e in first["evaluations"]] == [0, 2]
+    assert [e["step"] for e in first["evaluations"]] == [0, 1]
     summary = train(resume=out)
     g = summary["guard"]
     assert g["stopped"] is not None, g
     stop = g["stopped"]["step"]
     assert summary["steps"] == stop < 40
     evals = json.loads((out / "guard" / "guard.json").read_text())["evaluations"]
-    assert [e["step"] for e in evals] == list(range(0, stop + 1, 2))  # resumed, not restarted
+    assert [e["step"] for e in evals] == list(range(stop + 1))  # resumed, not restarted
     last = evals[-1]["metrics"]["heldout-correct"]
     assert last["flagged"] and last["ci95_high"] < -0.02
     good = g["last_good_checkpoint"]
-    if good is not None:
-        assert good["step"] < stop and Path(good["checkpoint"]).joinpath("state.json").is_file()
-        assert not evals[good["step"] // 2]["metrics"]["heldout-correct"]["flagged"]
+    assert good["step"] == max(e["step"] for e in evals if not e["flagged"]) >= 1
+    assert Path(good["checkpoint"]).joinpath("state.json").is_file()
+    assert json.loads(Path(good["checkpoint"]).joinpath("state.json").read_text())["step"] == good["step"]
     assert (out / "guard" / "pareto.png").is_file() and (out / "summary.json").is_file()

@@ -55,6 +55,10 @@ def run(args: argparse.Namespace) -> int:
             f"  (n={imp['n']})"
         )
         print(f"sample grids: {run_dir / 'samples'}/   summary: {run_dir / 'summary.json'}")
+        if "guard" in summary:  # what the reward-hacking guard did (docs/guard.md)
+            good = summary["guard"]["last_good_checkpoint"]
+            print(f"guard: {summary['guard']['outcome']}; last checkpoint no guard flagged: "
+                  + (f"{good['checkpoint']} (step {good['step']})" if good else "none"))
         if args.json:
             print(json.dumps(summary, indent=2))
     return 0
