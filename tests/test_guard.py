@@ -199,7 +199,7 @@ def test_guard_stops_a_hacking_run_and_resume_keeps_its_state(tmp_path: Path) ->
             "log_with": "none",
             "guard": [
                 {"metric": "heldout-correct", "tolerance": 0.02, "action": "stop"},
-                {"metric": "heldout-fd", "tolerance": 5.0, "action": "warn"},
+                {"metric": "heldout-fd", "tolerance": 1000.0, "action": "warn"},  # exercised, never flags,
             ],
         },
     )
