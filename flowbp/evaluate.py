@@ -597,7 +597,7 @@ def periodic_eval(run, keep: dict[str, Any] | None = None) -> dict[str, dict[str
     samples (a DDP forward may synchronise buffers); only the main process writes. ``keep``, if given,
     receives ``image_set``, ``specs`` and the per-image ``scores`` (the reward-hacking guard pairs them).
     """
-    from flowbp.train import ema_weights
+    from flowbp.training.weights import ema_weights
 
     c, backbone = run.config, run.backbone
     # the run's evaluation set: eval_prompts_file, else the backbone's (digits prompts; the 400 HPDv2 test
