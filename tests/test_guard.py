@@ -220,3 +220,30 @@ def test_guard_stops_a_hacking_run_and_resume_keeps_its_state(tmp_path: Path) ->
     assert Path(good["checkpoint"]).joinpath("state.json").is_file()
     assert json.loads(Path(good["checkpoint"]).joinpath("state.json").read_text())["step"] == good["step"]
     assert (out / "guard" / "pareto.png").is_file() and (out / "summary.json").is_file()
+
+
+def test_tensorboard_and_pareto_outputs(tmp_path: Path) -> None:
+    """Each evaluation logs guard/<metric>/{change,ci95_high,flagged} and the Pareto figure; the report files exist."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from flowbp.guard import log_tensorboard, write_report
+
+    g = Guard(parse_rules([{"metric": "heldout-correct", "tolerance": 0.02}]))
+    keys = [[i, 1] for i in range(40)]
+    g.set_baseline(keys, {"heldout-correct": [1.0] * 40}, reward=0.02)
+    writer = SummaryWriter(str(tmp_path / "tb"))
+    for step, lost in ((10, 0), (20, 12)):
+        g.observe(step, keys, {"heldout-correct": [1.0] * (40 - lost) + [0.0] * lost}, reward=0.02 + step / 1000)
+        log_tensorboard(writer, g, step, "test")
+    writer.close()
+    events = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    events.Reload()
+    flagged = [(e.step, e.value) for e in events.Scalars("guard/heldout-correct/flagged")]
+    assert flagged == [(10, 0.0), (20, 1.0)]
+    assert [round(e.value, 6) for e in events.Scalars("guard/heldout-correct/change")] == [0.0, -0.3]
+    assert [e.step for e in events.Images("guard/pareto")] == [10, 20]
+    write_report(tmp_path, g, "test")
+    record = json.loads((tmp_path / "guard" / "guard.json").read_text())
+    assert [e["step"] for e in record["evaluations"]] == [0, 10, 20] and record["events"][0]["step"] == 20
+    assert (tmp_path / "guard" / "pareto.png").stat().st_size > 0
