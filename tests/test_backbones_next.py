@@ -346,3 +346,26 @@ def test_bad_settings_are_one_line_errors(folders: dict[str, Path]) -> None:
         load_backbone("qwen-image", path=folders["qwen-image"], resolution=R, max_sequence_length=2048)
     with pytest.raises(ValueError, match=r"text_encoder_out_layers: \[10, 20, 31\] must be indices in \[0, 30\]"):
         _load("flux2", folders["flux2"], R, text_encoder_out_layers=(10, 20, 31))
+
+
+# ---------------------------------------------------------------------------------------- variants
+def test_sd35_large_layout_runs_through_the_sd3_adapter(tmp_path: Path) -> None:
+    """SD3.5-Large differs from SD3.5-Medium in sizes and in having no dual-attention layers (qk-norm kept,
+    shared/reference/backbones_next.md §1): a tiny SD3 of that layout reproduces its pipeline with CFG.
+    FLUX.2-Klein-4B differs from Klein-9B in sizes only (same classes and pipeline), which
+    tests/test_flux_backbones.py covers; _check_out_layers ties its Qwen3-4B width 3 × 2560 to joint 7680."""
+    from diffusers import StableDiffusion3Pipeline
+    from tiny_pipelines import build_tiny_sd3
+
+    build_tiny_sd3(tmp_path, dual_attention_layers=())
+    bb = load_backbone("sd3", path=tmp_path, resolution=R)
+    assert not bb.transformer.config.dual_attention_layers
+    pipe = StableDiffusion3Pipeline.from_pretrained(str(tmp_path))
+    pipe.set_progress_bar_config(disable=True)
+    x0 = bb.initial_noise(2, torch.Generator().manual_seed(5))
+    ours = _flowbp_images(bb, x0, 3.5)
+    ref = pipe(
+        prompt=PROMPTS, latents=x0, height=R, width=R, num_inference_steps=STEPS, sigmas=bb.pipeline_sigmas(STEPS),
+        guidance_scale=3.5, output_type="pt",
+    ).images
+    assert (ours - ref).abs().max().item() <= 1e-5

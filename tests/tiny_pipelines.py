@@ -90,11 +90,12 @@ def _autoencoder_kl(seed: int, scaling_factor: float = 1.5305, shift_factor: flo
     ).eval()
 
 
-def build_tiny_sd3(directory: str | Path, seed: int = 0):
+def build_tiny_sd3(directory: str | Path, seed: int = 0, dual_attention_layers: tuple[int, ...] = (0,)):
     """A tiny StableDiffusion3Pipeline (VAE factor 2, patch 2: resolution multiple of 4), saved to ``directory``.
 
     Returns the in-memory pipeline (float32, eval mode). The transformer has dual-attention and
-    qk-norm layers like SD3.5-M so the LoRA targets and the dual-attention path are exercised.
+    qk-norm layers like SD3.5-M so the LoRA targets and the dual-attention path are exercised;
+    ``dual_attention_layers=()`` gives SD3.5-Large's layout (qk-norm, no dual attention).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
@@ -103,7 +104,7 @@ def build_tiny_sd3(directory: str | Path, seed: int = 0):
         sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
         num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
         pooled_projection_dim=64, out_channels=4, pos_embed_max_size=16,
-        dual_attention_layers=(0,), qk_norm="rms_norm",
+        dual_attention_layers=dual_attention_layers, qk_norm="rms_norm",
     ).eval()
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
