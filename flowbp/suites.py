@@ -65,7 +65,7 @@ SUITES: dict[str, Suite] = {"paper": PAPER}
 
 def unavailable_reason(exc: BaseException) -> str:
     text = str(exc).strip()
-    return (text.splitlines()[0] if text else type(exc).__name__)[:300]
+    return (text.splitlines()[0] if text else type(exc).__name__)[:400]
 
 
 def preflight(

@@ -20,14 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from judge_server import FakeJudgeServer
 from PIL import Image
 
 from flowbp.cli import main
 from flowbp.rewards import load_reward
 from flowbp.rewards.unifiedreward import JudgeError, parse_score
-
-sys.path.insert(0, str(Path(__file__).parent))
-from judge_server import FakeJudgeServer  # noqa: E402
 
 MODEL = "UnifiedReward-test"
 # The release's alignment question, verbatim (flowbp/eval/rewards/unifiedreward_scorer.py, _build_alignment_question)
@@ -217,7 +215,12 @@ def test_flowbp_eval_keeps_missing_scores_and_raw_answers(server, tmp_path: Path
 def _tiny_llava_folder(folder: Path) -> Path:
     """A random LLaVA-OneVision (Qwen2 + SigLIP, a few thousand parameters) with processor files, saved."""
     from tiny_pipelines import tiny_qwen_tokenizer
-    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration, Qwen2Config, SiglipVisionConfig
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
     from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
         LlavaOnevisionImageProcessorPil,
     )
@@ -246,8 +249,9 @@ def _tiny_llava_folder(folder: Path) -> Path:
 
 
 def test_local_backend_matches_greedy_decoding_of_each_prompt_alone(tmp_path: Path) -> None:
-    from flowbp.rewards.judge_local import _ImageOnlyProcessor
     from transformers import AutoConfig, LlavaOnevisionForConditionalGeneration
+
+    from flowbp.rewards.judge_local import _ImageOnlyProcessor
 
     folder = _tiny_llava_folder(tmp_path / "ur")
     judge = load_reward("unifiedreward-iq", path=folder, batch_size=3, max_new_tokens=6, device="cpu")

@@ -14,14 +14,15 @@ LLaVA's ``qwen_1_5``, one image placeholder), so both backends ask the same ques
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from flowbp.rewards.unifiedreward import FAMILY, IMAGE_TAG, JudgeError, chat_prompt
-from flowbp.rewards.weights import RewardWeightsError, locate
+from flowbp.rewards.unifiedreward import FAMILY, IMAGE_TAG, URL_ENV, JudgeError, chat_prompt
+from flowbp.rewards.weights import ENV_VAR, RewardWeightsError, locate
 
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 SUPPORTED = ("llava_onevision", "qwen2_5_vl")
@@ -41,15 +42,18 @@ def _is_judge_folder(folder: Path) -> bool:
 
 
 def locate_judge(name: str, path: str | Path | None, allow_download: bool = False) -> Path:
-    """``path``, else ``$FLOWBP_REWARD_DIR/unifiedreward``; the error names the files expected."""
+    """``path``, else ``$FLOWBP_REWARD_DIR/unifiedreward``; the error names the files expected and the served way."""
     try:
         return locate(FAMILY, path, accept=_is_judge_folder, expected=EXPECTED, allow_download=allow_download)
     except RewardWeightsError as exc:
-        # add the served alternative: most users run the judge behind sglang / vLLM
-        raise RewardWeightsError(
-            f"{name}: {str(exc).removeprefix(FAMILY + ': ')}; or serve the judge and pass url=http://HOST:PORT/v1 "
-            "(--judge-url, $FLOWBP_JUDGE_URL)"
-        ) from None
+        if path is not None:  # a folder was named: what is wrong with it
+            raise RewardWeightsError(f"{name}: {str(exc).removeprefix(FAMILY + ': ')}") from None
+    env = os.environ.get(ENV_VAR)
+    where = f"${ENV_VAR}/{FAMILY} ({Path(env) / FAMILY})" if env else f"${ENV_VAR}/{FAMILY} (unset)"
+    raise RewardWeightsError(
+        f"{name}: no judge: pass url=http://HOST:PORT/v1 of a served judge (--judge-url, ${URL_ENV}) or a local "
+        f"folder (path=, reward_paths.{FAMILY}, {where}) with config.json, model.safetensors, tokenizer files"
+    )
 
 
 class _ImageOnlyProcessor:
