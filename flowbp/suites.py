@@ -85,7 +85,7 @@ def preflight(
         try:
             scorers[metric] = load(metric)
         except (RewardWeightsError, JudgeError, ImportError, OSError, ValueError) as exc:
-            skipped[metric] = unavailable_reason(exc)
+            skipped[metric] = unavailable_reason(exc).removeprefix(f"{metric}: ")
             report(f"skipping {metric}: {skipped[metric]}")
     return scorers, skipped
 

@@ -5,7 +5,8 @@ What it answers is decided by the caption inside the question (``Text Caption: [
 - ``say:TEXT``      answer TEXT (e.g. ``say:Final Score: 4``);
 - ``fail:N:TEXT``   answer 500 to the first N requests for this caption, then TEXT;
 - ``sleep:S:TEXT``  wait S seconds, then answer TEXT (a client with a shorter timeout gives up);
-- anything else     answer ``Final Score: 3``.
+- anything else     answer ``Final Score: 3``, or with ``by_brightness`` a score of the image itself:
+                    1 + 4 × its mean pixel value (a stand-in judge that sees the image, for examples).
 
 A request for a model other than ``model`` gets 404 (as vLLM / sglang answer); ``GET /v1/models`` lists
 ``model``. Every request is recorded (path, headers, JSON body) and the peak number in flight is tracked.
@@ -23,9 +24,23 @@ from typing import Any
 CAPTION = re.compile(r"Text Caption: \[(.*)\]\s*$", re.S)
 
 
+def _mean_pixel(body: dict[str, Any]) -> float:
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    url = next(p["image_url"]["url"] for p in body["messages"][0]["content"] if p["type"] == "image_url")
+    image = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+    return float(np.asarray(image, dtype=np.float64).mean() / 255)
+
+
 class FakeJudgeServer:
-    def __init__(self, model: str = "UnifiedReward-test", models_endpoint: bool = True) -> None:
+    def __init__(self, model: str = "UnifiedReward-test", models_endpoint: bool = True,
+                 by_brightness: bool = False) -> None:
         self.model = model
+        self.by_brightness = by_brightness
         self.models_endpoint = models_endpoint
         self.requests: list[dict[str, Any]] = []
         self.failures: dict[str, int] = {}
@@ -108,6 +123,8 @@ class FakeJudgeServer:
         elif caption.startswith("sleep:"):
             _, seconds, answer = caption.split(":", 2)
             time.sleep(float(seconds))
+        elif self.by_brightness:
+            answer = f"Final Score: {1 + 4 * _mean_pixel(body):.4f}"
         return 200, {
             "id": "chatcmpl-test", "object": "chat.completion", "created": 0, "model": self.model,
             "choices": [{"index": 0, "finish_reason": "stop",
