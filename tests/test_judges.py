@@ -155,6 +155,24 @@ def test_unreachable_endpoint_fails_after_bounded_retries() -> None:
     assert "\n" not in message
 
 
+def test_flowbp_eval_with_an_unreachable_judge_is_one_line_and_writes_nothing(tmp_path: Path, capsys) -> None:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    sock.close()
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (16, 16)).save(folder / "p0000_s0.png")
+    (tmp_path / "p.txt").write_text("a cat\n")
+    out = tmp_path / "run"
+    code = main(["eval", "--images", str(folder), "--prompts", str(tmp_path / "p.txt"), "--metrics",
+                 "unifiedreward-iq", "--judge-url", url, "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and not out.exists(), err
+    expected = f"flowbp eval: error: unifiedreward-iq: cannot reach the judge server at {url} after 3 retries"
+    assert err.startswith(expected), err
+
+
 def test_concurrency_is_bounded(server) -> None:
     judge = _judge("unifiedreward-align", server.url, concurrency=3)
     scores = judge(_images(8), ["sleep:0.3:Final Score: 4"] * 8)
@@ -254,11 +272,11 @@ def test_local_backend_matches_greedy_decoding_of_each_prompt_alone(tmp_path: Pa
     from flowbp.rewards.judge_local import _ImageOnlyProcessor
 
     folder = _tiny_llava_folder(tmp_path / "ur")
-    judge = load_reward("unifiedreward-iq", path=folder, batch_size=3, max_new_tokens=6, device="cpu")
-    captions = ["a red car", "two cats on a long sofa", "x"]
-    images = _images(3, 48, 40, seed=3)
+    judge = load_reward("unifiedreward-iq", path=folder, batch_size=2, max_new_tokens=4, device="cpu")
+    captions = ["a red car", "two cats on a long sofa"]  # prompts of different lengths: left padding in the batch
+    images = _images(2, 48, 40, seed=3)
     scores = judge(images, captions)
-    assert scores.shape == (3,) and len(judge.last_answers) == 3
+    assert scores.shape == (2,) and len(judge.last_answers) == 2
     # a random model does not write "Final Score: x": every score is missing, never a stand-in number
     assert all(math.isnan(v) for v in scores.tolist())
 
@@ -266,24 +284,22 @@ def test_local_backend_matches_greedy_decoding_of_each_prompt_alone(tmp_path: Pa
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(folder).eval()
     processor = _ImageOnlyProcessor.build(folder, AutoConfig.from_pretrained(folder))
     tok = processor.tokenizer
-    iq = "Evaluate only the overall image quality"
     for img, caption, answer in zip(images, captions, judge.last_answers, strict=True):
         u8 = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
         pil = Image.fromarray(u8).resize((512, 512))
-        text = (
-            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<image>\n"
-            "You are given a text caption and a generated image based on that caption. " + iq
+        asked = judge_question(caption)
+        assert asked.startswith("<image>\nYou are given a text caption") and "overall image quality" in asked
+        full = (
+            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+            + asked + "<|im_end|>\n<|im_start|>assistant\n"
         )
-        inputs = processor(images=[pil], text=[text], return_tensors="pt")
-        prompt_text = tok.decode(inputs["input_ids"][0])
-        assert prompt_text.count("<image>") > 1  # the placeholder was expanded to the image's tokens
-        full = judge.backend.prompt(judge_question(caption))
+        assert judge.backend.prompt(asked) == full
         inputs = processor(images=[pil], text=[full], return_tensors="pt")
-        assert full.startswith(text) and full.endswith(f"Text Caption: [{caption}]<|im_end|>\n<|im_start|>assistant\n")
+        assert tok.decode(inputs["input_ids"][0]).count("<image>") > 1  # expanded to the image's tokens
         ids = inputs["input_ids"]
         new: list[int] = []
         with torch.no_grad():
-            for _ in range(6):
+            for _ in range(4):
                 logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["pixel_values"],
                                image_sizes=inputs["image_sizes"], batch_num_images=inputs["batch_num_images"]).logits
                 nxt = int(logits[0, -1].argmax())

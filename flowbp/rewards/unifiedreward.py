@@ -138,8 +138,12 @@ def png_data_url(image: Any) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-class JudgeError(RuntimeError):
-    """A judge cannot be reached or answered in a way that is not a score (the message is one line)."""
+class JudgeError(ValueError):
+    """A judge cannot be reached, does not serve the model asked for, or is misconfigured (one-line message).
+
+    A ValueError so that the CLI reports it as bad input (exit 2, one line): the fix is always in what was
+    given (the URL, the served name, the key, a package to install), not in flowbp.
+    """
 
 
 class JudgeBackend(Protocol):
