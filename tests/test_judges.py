@@ -269,7 +269,7 @@ def _tiny_llava_folder(folder: Path) -> Path:
 def test_local_backend_matches_greedy_decoding_of_each_prompt_alone(tmp_path: Path) -> None:
     from transformers import AutoConfig, LlavaOnevisionForConditionalGeneration
 
-    from flowbp.rewards.judge_local import _ImageOnlyProcessor
+    from flowbp.rewards.judge_local import build_processor
 
     folder = _tiny_llava_folder(tmp_path / "ur")
     judge = load_reward("unifiedreward-iq", path=folder, batch_size=2, max_new_tokens=4, device="cpu")
@@ -282,7 +282,7 @@ def test_local_backend_matches_greedy_decoding_of_each_prompt_alone(tmp_path: Pa
 
     # reference: each prompt alone (no padding), the chatml-llava conversation written out here, greedy by hand
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(folder).eval()
-    processor = _ImageOnlyProcessor.build(folder, AutoConfig.from_pretrained(folder))
+    processor = build_processor(folder, AutoConfig.from_pretrained(folder))
     tok = processor.tokenizer
     for img, caption, answer in zip(images, captions, judge.last_answers, strict=True):
         u8 = (img.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
@@ -326,3 +326,49 @@ def test_missing_local_weights_name_the_expected_files(tmp_path: Path, monkeypat
     (tmp_path / "empty").mkdir()
     with pytest.raises(RewardWeightsError, match="lacks"):
         load_reward("unifiedreward-align", path=tmp_path / "empty")
+
+
+def _tiny_qwen25vl_folder(folder: Path) -> Path:
+    """A random Qwen2.5-VL (the newer UnifiedReward judges' class) with its image processor, saved."""
+    from tiny_pipelines import tiny_qwen_tokenizer
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    tok = tiny_qwen_tokenizer()
+    special = ["<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+    tok.add_special_tokens({"additional_special_tokens": special})
+    Qwen2VLImageProcessorPil(min_pixels=28 * 28, max_pixels=56 * 56, patch_size=14, merge_size=2,
+                             temporal_patch_size=2).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in special}
+    config = Qwen2_5_VLConfig(
+        vision_config={"depth": 2, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 16,
+                       "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
+                       "fullatt_block_indexes": [1]},
+        text_config={"vocab_size": len(tok), "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                     "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 2048,
+                     "bos_token_id": tok.pad_token_id, "eos_token_id": ids["<|im_end|>"],
+                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}},
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+    )
+    torch.manual_seed(0)
+    Qwen2_5_VLForConditionalGeneration(config).eval().save_pretrained(folder)
+    return folder
+
+
+def test_local_qwen25vl_backend_batched_equals_one_by_one(tmp_path: Path) -> None:
+    folder = _tiny_qwen25vl_folder(tmp_path / "ur-qwen")
+    captions = ["a red car", "two cats on a long sofa"]
+    images = _images(2, 40, 48, seed=5)
+    batched = load_reward("unifiedreward-align", path=folder, batch_size=2, max_new_tokens=4, device="cpu")
+    alone = load_reward("unifiedreward-align", path=folder, batch_size=1, max_new_tokens=4, device="cpu")
+    assert all(math.isnan(v) for v in batched(images, captions).tolist())  # random model: no score, missing
+    alone(images, captions)
+    assert batched.last_answers == alone.last_answers and all(batched.last_answers)
+    asked = judge_question("a red car").replace("overall image quality", "")  # any question
+    assert batched.backend.prompt(asked) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+        "<|vision_start|><|image_pad|><|vision_end|>" + asked.removeprefix("<image>\n")
+        + "<|im_end|>\n<|im_start|>assistant\n"
+    )

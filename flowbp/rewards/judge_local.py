@@ -21,11 +21,12 @@ from typing import Any, ClassVar
 
 import torch
 
-from flowbp.rewards.unifiedreward import FAMILY, IMAGE_TAG, URL_ENV, JudgeError, chat_prompt
+from flowbp.rewards.unifiedreward import FAMILY, URL_ENV, JudgeError, chat_prompt
 from flowbp.rewards.weights import ENV_VAR, RewardWeightsError, locate
 
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 SUPPORTED = ("llava_onevision", "qwen2_5_vl")
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"  # Qwen2.5-VL's placeholder of one image
 EXPECTED = (
     "a transformers LLaVA-OneVision or Qwen2.5-VL folder (config.json, model.safetensors[.index.json], "
     "tokenizer files, preprocessor_config.json)"
@@ -56,36 +57,48 @@ def locate_judge(name: str, path: str | Path | None, allow_download: bool = Fals
     )
 
 
-class _ImageOnlyProcessor:
-    """LLaVA-OneVision's processor without its video half (which needs torchvision, absent from flowbp's deps)."""
+def _image_only(processor_class: type, **parts: Any) -> Any:
+    """``processor_class`` without its video half: transformers' video processors need torchvision, which is
+    not a flowbp dependency, and a judge only ever sees images."""
 
-    @staticmethod
-    def build(folder: Path, config: Any) -> Any:
-        from transformers import AutoTokenizer, LlavaOnevisionProcessor
-        from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
-            LlavaOnevisionImageProcessorPil,
-        )
+    class ImageOnly(processor_class):
+        @classmethod
+        def get_attributes(cls) -> list[str]:
+            return ["image_processor", "tokenizer"]
 
-        class ImageOnly(LlavaOnevisionProcessor):
-            @classmethod
-            def get_attributes(cls) -> list[str]:
-                return ["image_processor", "tokenizer"]
+    return ImageOnly(**parts)
 
-        settings: dict[str, Any] = {}
-        processor_file = folder / "processor_config.json"
-        if processor_file.is_file():
-            settings = json.loads(processor_file.read_text())
-        vision = config.vision_config
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        tokenizer.padding_side = "left"  # batched generation continues every row from its last prompt token
-        return ImageOnly(
-            image_processor=LlavaOnevisionImageProcessorPil.from_pretrained(str(folder), local_files_only=True),
-            tokenizer=tokenizer,
-            num_image_tokens=settings.get("num_image_tokens") or (vision.image_size // vision.patch_size) ** 2,
-            vision_feature_select_strategy=settings.get("vision_feature_select_strategy")
-            or config.vision_feature_select_strategy,
-            vision_aspect_ratio=settings.get("vision_aspect_ratio", "anyres_max_9"),
-        )
+
+def build_processor(folder: Path, config: Any) -> Any:
+    """The image + text processor of a judge folder (left padding: batched generation continues each row)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    tokenizer.padding_side = "left"
+    if config.model_type == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLProcessor
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        image_processor = Qwen2VLImageProcessorPil.from_pretrained(str(folder), local_files_only=True)
+        return _image_only(Qwen2_5_VLProcessor, image_processor=image_processor, tokenizer=tokenizer)
+    from transformers import LlavaOnevisionProcessor
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    settings: dict[str, Any] = {}
+    if (folder / "processor_config.json").is_file():
+        settings = json.loads((folder / "processor_config.json").read_text())
+    vision = config.vision_config
+    return _image_only(
+        LlavaOnevisionProcessor,
+        image_processor=LlavaOnevisionImageProcessorPil.from_pretrained(str(folder), local_files_only=True),
+        tokenizer=tokenizer,
+        num_image_tokens=settings.get("num_image_tokens") or (vision.image_size // vision.patch_size) ** 2,
+        vision_feature_select_strategy=settings.get("vision_feature_select_strategy")
+        or config.vision_feature_select_strategy,
+        vision_aspect_ratio=settings.get("vision_aspect_ratio", "anyres_max_9"),
+    )
 
 
 class LocalJudge:
@@ -126,14 +139,9 @@ class LocalJudge:
             dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
         if self.kind == "llava_onevision":
             from transformers import LlavaOnevisionForConditionalGeneration as Model
-
-            self.processor = _ImageOnlyProcessor.build(self.folder, config)
         else:
-            from transformers import AutoProcessor
             from transformers import Qwen2_5_VLForConditionalGeneration as Model
-
-            self.processor = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
-            self.processor.tokenizer.padding_side = "left"
+        self.processor = build_processor(self.folder, config)
         try:
             self.model = Model.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
         except Exception as exc:
@@ -144,10 +152,7 @@ class LocalJudge:
     def prompt(self, text: str) -> str:
         if self.kind == "llava_onevision":
             return chat_prompt(text)
-        # Qwen2.5-VL: its own chat template places the image tokens; the question without the LLaVA tag
-        body = text.removeprefix(IMAGE_TAG)
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": body}]}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return chat_prompt(text, QWEN_IMAGE)
 
     @torch.no_grad()
     def answer(self, images: Sequence[Any], questions: Sequence[str]) -> list[str]:

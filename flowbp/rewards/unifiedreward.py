@@ -107,12 +107,13 @@ def parse_score(answer: str | None) -> float | None:
     return value if SCORE_RANGE[0] <= value <= SCORE_RANGE[1] else None
 
 
-def chat_prompt(text: str) -> str:
+def chat_prompt(text: str, placeholder: str = IMAGE_TAG) -> str:
     """The conversation the served judge sees (sglang ``chatml-llava`` = LLaVA's ``qwen_1_5``), as one string.
 
-    ``text`` is a question; its leading ``<image>\\n`` is the single image placeholder.
+    ``text`` is a question; its leading ``<image>\\n`` becomes ``placeholder``, the model's one image slot
+    (Qwen2.5-VL: ``<|vision_start|><|image_pad|><|vision_end|>``, as its own chat template writes it).
     """
-    body = text if text.startswith(IMAGE_TAG) else IMAGE_TAG + text
+    body = placeholder + text.removeprefix(IMAGE_TAG)
     return (
         "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
         f"<|im_start|>user\n{body}<|im_end|>\n<|im_start|>assistant\n"
