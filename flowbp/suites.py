@@ -109,22 +109,22 @@ def table(
     suite: Suite,
     rows: Sequence[tuple[str, Mapping[str, Mapping[str, Any]]]],
     skipped: Mapping[str, str],
-    comparison: Mapping[str, Any] | None = None,
+    comparisons: Sequence[Mapping[str, Any]] = (),
 ) -> str:
     """A Markdown table in the suite's column order: one row per model (mean ± 95% CI half-width over prompts),
-    then, with a comparison, the paired difference (95% CI; * = the interval excludes 0)."""
+    then one row per paired comparison ``{"a", "b", "metrics"}`` (95% CI; * = the interval excludes 0)."""
     columns = [m for m, _ in suite.columns if m in suite.metrics()]
     lines = [
         "| model | " + " | ".join(suite.title(m) for m in columns) + " |",
         "|---|" + "---:|" * len(columns),
     ]
     for name, metrics in rows:
-        cells = ["skipped" if m in skipped else _cell(metrics.get(m)) for m in columns]
+        cells = ["skipped" if m in skipped and m not in metrics else _cell(metrics.get(m)) for m in columns]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    if comparison is not None:
+    for comparison in comparisons:
         diffs = comparison["metrics"]
-        cells = ["skipped" if m in skipped else _diff_cell(diffs.get(m)) for m in columns]
-        lines.append(f"| {rows[0][0]} − {comparison['b']} (paired) | " + " | ".join(cells) + " |")
+        cells = ["skipped" if m in skipped and m not in diffs else _diff_cell(diffs.get(m)) for m in columns]
+        lines.append(f"| {comparison['a']} − {comparison['b']} (paired) | " + " | ".join(cells) + " |")
     notes = [
         "",
         "mean ± half-width of the 95% Student-t interval over prompts; paired differences by prompt and seed, "

@@ -75,6 +75,13 @@ def test_suite_paper_on_tiny_models(tiny_sd3_dir, tmp_path: Path, monkeypatch, c
     assert diff_cells[2].startswith(f"{comparison['diff']:+.4f} [{comparison['ci95_low']:+.4f}")
     assert diff_cells[4].startswith("+0.0000")  # the judge answers by caption: the same on both sides
     assert "| model | HPSv2.1 |" in printed
+    # --table: one row per finished run, the same cells as each run's own table
+    table_file = tmp_path / "table.md"
+    capsys.readouterr()
+    assert main(["eval", "--table", str(base), str(tuned), "--baseline", str(base), "--out", str(table_file)]) == 0
+    combined = table_file.read_text().splitlines()
+    assert combined[:2] == table[:2] and combined[2] == base_row and combined[3] == tuned_row
+    assert combined[4] == diff_row
     # report.html shows every scored metric and lists the skipped ones
     report = (tuned / "report.html").read_text()
     for metric in summary["metrics"]:

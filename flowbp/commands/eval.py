@@ -4,6 +4,7 @@
     flowbp eval --images DIR --prompts P.txt --metrics ... --out RUN
     flowbp eval --compare RUN_A RUN_B [--out comparison.json]
     flowbp eval --suite paper --backbone sd3 [--lora RUN/lora] [--judge-url http://HOST:PORT/v1] --out RUN
+    flowbp eval --table RUN_BASE RUN_A RUN_B [--baseline RUN_BASE] [--out table.md]
 
 Every input is checked before anything is sampled or written; the run directory appears complete or
 not at all (see :func:`flowbp.evaluate.write_run`).
@@ -152,6 +153,8 @@ def _apply_suite(args: argparse.Namespace) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> int:
     if args.compare:
         return _run_compare(args)
+    if args.table:
+        return _run_table(args)
     import torch
 
     from flowbp import evaluate as ev
@@ -289,12 +292,43 @@ def _suite_table(args, out, ev, image_set, metrics, scores, answers, baseline, s
 
     records = ev.records_of(image_set, scores, answers)
     rows = [(out.name, ev.summarize(records, metrics))]
-    comparison = None
+    comparisons = []
     if baseline is not None:
         shared = [m for m in metrics if all(m in r["scores"] for r in baseline)]
         rows.append((Path(args.baseline).name, ev.summarize(baseline, shared)))
-        comparison = {"b": Path(args.baseline).name, "metrics": ev.compare(records, baseline, "--baseline")}
-    return table(SUITES[args.suite], rows, skipped, comparison)
+        metrics_ab = ev.compare(records, baseline, "--baseline")
+        comparisons = [{"a": out.name, "b": Path(args.baseline).name, "metrics": metrics_ab}]
+    return table(SUITES[args.suite], rows, skipped, comparisons)
+
+
+def _run_table(args: argparse.Namespace) -> int:
+    """``--table RUN ...``: one row per finished run in the suite's column order (+ differences vs --baseline)."""
+    from flowbp import evaluate as ev
+    from flowbp.suites import SUITES, table
+
+    suite = SUITES[args.suite or "paper"]
+    rows, comparisons, skipped = [], [], {}
+    base = ev.read_scores(args.baseline, "--baseline") if args.baseline else None
+    for run_dir in args.table:
+        records = ev.read_scores(run_dir, "--table")
+        summary_file = Path(run_dir) / ev.SUMMARY_FILE
+        summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+        skipped.update(summary.get("skipped_metrics", {}))
+        scored = [m for m in suite.metrics() if all(m in r["scores"] for r in records)]
+        rows.append((Path(run_dir).name, ev.summarize(records, scored)))
+        if base is not None and Path(run_dir).resolve() != Path(args.baseline).resolve():
+            metrics_ab = ev.compare(records, base, "--baseline")
+            comparisons.append({"a": Path(run_dir).name, "b": Path(args.baseline).name, "metrics": metrics_ab})
+    text = table(suite, rows, skipped, comparisons)
+    print(text, end="")
+    if args.out:
+        out = Path(args.out)
+        if out.exists() and not args.overwrite:
+            raise ValueError(f"--out: {out} exists (pass --overwrite to replace it)")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+        print(f"wrote {out}")
+    return 0
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -329,6 +363,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--suite", choices=["paper"],
         help="paper: the FlowBP paper's HPDv2 table (400 prompts, seed 42, its steps/guidance per backbone; "
         "HPSv2.1, PickScore, ImageReward, UR-Align, UR-IQ, HPSv3 when available); other options override it",
+    )
+    p.add_argument(
+        "--table", nargs="+", metavar="RUN",
+        help="only print the suite's table (default paper) of finished eval runs, one row per run, with paired "
+        "differences against --baseline; --out writes it to a file",
     )
     p.add_argument(
         "--judge-url", help="OpenAI-compatible URL of a served UnifiedReward judge, e.g. http://HOST:PORT/v1 "
