@@ -505,11 +505,13 @@ def write_run(
     overwrite: bool = False,
     embed_images: bool = False,
     sheet_max: int = 64,
+    extra_files: Mapping[str, str] | None = None,
 ) -> EvalOutput:
     """Write the whole run atomically: a temporary sibling directory is renamed into place at the end.
 
     ``RUN/images/p<i>_s<seed>.png``, ``scores.jsonl``, ``summary.json``, ``comparison.json`` (with a
-    baseline), ``contact_sheet.png`` and ``report.html``.
+    baseline), ``contact_sheet.png`` and ``report.html``. ``extra_files`` (name -> text) are written
+    into the run directory too (``flowbp eval --suite geneval``'s official results).
     """
     import os
     import shutil
@@ -550,6 +552,8 @@ def write_run(
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         if comparison is not None:
             (tmp / COMPARISON_FILE).write_text(json.dumps(comparison, indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
         contact_sheet(tmp, records, metrics, tmp / "contact_sheet.png", max_images=sheet_max)
         write_report(tmp, summary, records, metrics, comparison, embed_images=embed_images)
         if out.exists():

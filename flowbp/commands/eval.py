@@ -3,6 +3,7 @@
     flowbp eval --backbone digits --prompts P.txt --metrics digit-alignment,heldout-correct --out RUN
     flowbp eval --images DIR --prompts P.txt --metrics ... --out RUN
     flowbp eval --compare RUN_A RUN_B [--out comparison.json]
+    flowbp eval --suite geneval --backbone NAME [--geneval-detector DIR --geneval-clip DIR] --out RUN
 
 Every input is checked before anything is sampled or written; the run directory appears complete or
 not at all (see :func:`flowbp.evaluate.write_run`).
@@ -108,17 +109,27 @@ def run(args: argparse.Namespace) -> int:
     # ---- everything is validated before anything heavy is loaded, sampled or written
     if (args.backbone is None) == (args.images is None):
         raise ValueError("give exactly one of --backbone NAME (sample a model) or --images DIR (score a folder)")
-    if args.prompts is None:
+    suite = getattr(args, "suite", None)
+    geneval_meta = None
+    if suite == "geneval":  # its own prompts (or a GenEval metadata .jsonl as --prompts), 4 images per prompt
+        from flowbp.geneval import suite as geneval_suite
+
+        geneval_meta = geneval_suite.read_metadata(args.prompts)
+        if args.images_per_prompt is None:
+            args.images_per_prompt = geneval_suite.IMAGES_PER_PROMPT
+    if args.images_per_prompt is None:
+        args.images_per_prompt = 1
+    if args.prompts is None and geneval_meta is None:
         raise ValueError("--prompts: required (a text file, one prompt per line)")
-    if args.metrics is None:
+    if args.metrics is None and geneval_meta is None:
         raise ValueError(f"--metrics: required (comma-separated; known: {', '.join(ev.available_metrics())})")
     for name in ("images_per_prompt", "steps", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
     if args.images is not None and (args.model or args.lora):
         raise ValueError("--model/--lora: only with --backbone (a folder of images is scored as it is)")
-    prompts = ev.read_prompts(args.prompts)
-    metrics = ev.parse_metrics(args.metrics)
+    prompts = [m["prompt"] for m in geneval_meta] if geneval_meta is not None else ev.read_prompts(args.prompts)
+    metrics = ev.parse_metrics(args.metrics) if args.metrics is not None else []
     paths = _reward_paths(args.reward_path)
     out = Path(args.out) if args.out else Path("evals") / datetime.now().strftime("eval-%Y%m%d-%H%M%S")
     if out.exists() and not args.overwrite:
@@ -136,7 +147,12 @@ def run(args: argparse.Namespace) -> int:
         transformers_logging.disable_progress_bar()
         diffusers_logging.disable_progress_bar()
     info: dict[str, Any] = {"prompts_file": str(args.prompts)}
-    if args.images is not None:
+    if geneval_meta is not None:
+        info["suite"] = suite
+    if args.images is not None and geneval_meta is not None and geneval_suite.is_official_layout(Path(args.images)):
+        image_set = geneval_suite.read_official_folder(Path(args.images), geneval_meta)
+        info.update({"mode": "folder", "images": str(args.images)})
+    elif args.images is not None:
         image_set = ev.read_image_folder(args.images, prompts)
         info.update({"mode": "folder", "images": str(args.images)})
     else:
@@ -161,12 +177,17 @@ def run(args: argparse.Namespace) -> int:
         reason = ev.pairing_error(planned, baseline)
         if reason:
             raise ValueError(f"--baseline: {reason}")
-        if not set(metrics) & set(baseline[0]["scores"]):
+        if not (set(metrics) | ({geneval_suite.METRIC} if geneval_meta else set())) & set(baseline[0]["scores"]):
             raise ValueError(
                 f"--baseline: {args.baseline} shares no metric with --metrics "
                 f"(it has {', '.join(baseline[0]['scores'])})"
             )
     scorers = {m: ev.load_metric(m, paths, device) for m in metrics}
+    geneval_scorer = None
+    if geneval_meta is not None:  # weights checked before anything is sampled
+        from flowbp.geneval.score import load_scorer
+
+        geneval_scorer = load_scorer(args.geneval_detector, args.geneval_clip, device)
 
     if args.images is None:
         backbone = _load_backbone(args, device)
@@ -177,6 +198,12 @@ def run(args: argparse.Namespace) -> int:
             backbone, prompts, image_set.keys, args.steps, args.guidance, args.batch_size, progress
         )
     scores = ev.score(image_set.images, image_set.image_prompts(), scorers, args.batch_size, device, progress)
+    extra_files: dict[str, str] = {}
+    if geneval_scorer is not None:
+        correct, geneval_summary, extra_files = geneval_suite.score(image_set, geneval_meta, geneval_scorer, progress)
+        scores = {geneval_suite.METRIC: correct, **scores}
+        metrics = [geneval_suite.METRIC, *metrics]
+        info["geneval"] = geneval_summary
     result = ev.write_run(
         out,
         image_set,
@@ -186,11 +213,15 @@ def run(args: argparse.Namespace) -> int:
         baseline=(args.baseline, baseline) if baseline is not None else None,
         overwrite=args.overwrite,
         embed_images=args.embed_images,
+        extra_files=extra_files,
     )
     s = result.summary
     print(f"wrote {out}: {s['n_images']} images of {s['n_prompts']} prompts (scores.jsonl, summary.json, "
           f"contact_sheet.png, report.html{', comparison.json' if result.comparison else ''})")
     _print_summary(s["metrics"], s["n_prompts"])
+    if geneval_scorer is not None:
+        print()
+        geneval_suite.print_summary(info["geneval"])
     if result.comparison is not None:
         print()
         _print_comparison(result.comparison)
@@ -213,7 +244,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--metrics", help="comma-separated reward specs / held-out metrics, e.g. digit-alignment,heldout-correct"
     )
-    p.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt; image k uses seed SEED+k")
+    p.add_argument("--images-per-prompt", type=int, default=None,
+                   help="images per prompt; image k uses seed SEED+k (default 1; 4 with --suite geneval)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=25, help="sampling steps")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the backbone's)")
@@ -224,6 +256,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--reward-path", action="append", metavar="NAME=PATH", help="weights of a reward (repeatable)")
+    p.add_argument(
+        "--suite", choices=["geneval"], default=None,
+        help="a benchmark: geneval (its 553 prompts, 4 images each, Mask2Former + CLIP verdicts; --metrics optional; "
+        "--prompts may name a GenEval metadata .jsonl; --images may be GenEval's <N>/samples/<k>.png layout)",
+    )
+    p.add_argument("--geneval-detector", metavar="DIR",
+                   help="GenEval detector: a transformers Mask2Former COCO-instance folder or a folder with "
+                   "mmdet's mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.pth "
+                   "(default $FLOWBP_REWARD_DIR/geneval-detector, then the hub cache)")
+    p.add_argument("--geneval-clip", metavar="DIR", help="GenEval colour classifier: a CLIP ViT-L/14 folder "
+                   "(default $FLOWBP_REWARD_DIR/geneval-clip, then the hub cache of openai/clip-vit-large-patch14)")
     p.add_argument("--baseline", metavar="RUN", help="also compare with this eval run (paired by prompt and seed)")
     p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="only compare two eval runs: A − B")
     p.add_argument(

@@ -9,11 +9,10 @@
 Only :mod:`prompts` and :mod:`rules` are imported here; the model parts load lazily.
 """
 
-from flowbp.geneval.prompts import IMAGES_PER_PROMPT, load_metadata, object_names
+from flowbp.geneval.prompts import load_metadata, object_names
 from flowbp.geneval.rules import Detection, evaluate, relative_position, select_detections, summarize
 
 __all__ = [
-    "IMAGES_PER_PROMPT",
     "Detection",
     "evaluate",
     "load_metadata",

@@ -16,8 +16,6 @@ from typing import Any
 ASSETS = Path(__file__).resolve().parent.parent / "assets" / "geneval"
 METADATA_FILE = ASSETS / "evaluation_metadata.jsonl"
 OBJECT_NAMES_FILE = ASSETS / "object_names.txt"
-#: images per prompt of the official protocol (README; ``diffusers_generate.py --n_samples``)
-IMAGES_PER_PROMPT = 4
 
 
 @cache
