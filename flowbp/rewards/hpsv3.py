@@ -21,9 +21,10 @@ is called directly here:
   (Linear(h,1024)→ReLU→Dropout→Linear(1024,16)→ReLU→Linear(16,2)) in float32 on the hidden state at
   ``<|Reward|>``; the score is μ, output 0 of (μ, σ).
 
-Scale: μ of a Thurstone-style (μ, σ) head trained with an uncertainty-aware ranking loss; the paper
-asks for a 0–10 rating, typical values for good generations are ≈ 5–15 (HPSv3's README; not
-measured here: no real weights on this machine).
+Scale: μ of a (μ, σ) head trained with an uncertainty-aware ranking loss, unbounded; the instruction
+asks for a 0–10 rating. HPSv3's README benchmark (PyPI 1.0.0) reports per-model averages from −0.24
+(SD2) and 5.31 (SD3 Medium) to 10.43 (FLUX.1-dev) and 10.55 (Kolors); not measured here (no real
+weights on this machine).
 
 Weights: ``HPSv3.safetensors`` (hf.co/MizzenAI/HPSv3, the full state dict in transformers 4.4x key
 names) and the base model's config and tokenizer (hf.co/Qwen/Qwen2-VL-7B-Instruct: ``config.json``,
