@@ -307,3 +307,38 @@ def test_geneval_scorer_rejects_float_images(models):
     scorer = GenEvalScorer(lambda ims: [{} for _ in ims], lambda *a: [])
     with pytest.raises(ValueError, match="expected a 3×H×W uint8 image"):
         scorer.score([torch.rand(3, 8, 8)], _meta([0]), ["x.png"])
+
+
+def test_mmdet_backend_gets_bgr_arrays_and_parses_per_class_results(monkeypatch):
+    """mmdet itself does not install here: a stand-in ``mmdet.apis`` records what the backend passes and returns
+    an mmdet 2.x result (per-class ``[x1, y1, x2, y2, score]`` arrays, per-class mask lists)."""
+    import sys
+    import types
+
+    from flowbp.geneval.detectors import MMDetDetector
+
+    seen = []
+
+    def inference_detector(model, image):
+        seen.append(image)
+        bbox = [np.zeros((0, 5), dtype=np.float32) for _ in range(80)]
+        segm = [[] for _ in range(80)]
+        bbox[13] = np.array([[1, 2, 5, 6, 0.8], [0, 0, 3, 3, 0.2]], dtype=np.float32)  # bench (COCO id 13)
+        segm[13] = [np.ones((8, 10), dtype=bool), np.zeros((8, 10), dtype=bool)]
+        bbox[64] = np.array([[2, 2, 4, 4, 0.9]], dtype=np.float32)  # COCO "mouse" = GenEval "computer mouse"
+        segm[64] = [np.ones((8, 10), dtype=bool)]
+        return bbox, segm
+
+    apis = types.ModuleType("mmdet.apis")
+    apis.inference_detector = inference_detector
+    monkeypatch.setitem(sys.modules, "mmdet", types.ModuleType("mmdet"))
+    monkeypatch.setitem(sys.modules, "mmdet.apis", apis)
+    detector = object.__new__(MMDetDetector)
+    detector.model, detector.names = None, geneval_name_map(dict(enumerate(COCO_CLASSES)))
+    rgb = np.zeros((8, 10, 3), dtype=np.uint8)
+    rgb[..., 0] = 255  # pure red
+    (found,) = detector([Image.fromarray(rgb)])
+    assert seen[0].shape == (8, 10, 3) and (seen[0][..., 2] == 255).all() and (seen[0][..., 0] == 0).all()  # BGR
+    assert set(found) == {"bench", "computer mouse"}
+    assert [d.box for d in found["bench"]] == [(1.0, 2.0, 5.0, 6.0), (0.0, 0.0, 3.0, 3.0)]
+    assert found["bench"][0].score == pytest.approx(0.8) and found["bench"][0].mask.shape == (8, 10)
