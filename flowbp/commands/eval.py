@@ -148,7 +148,9 @@ def run(args: argparse.Namespace) -> int:
         diffusers_logging.disable_progress_bar()
     info: dict[str, Any] = {"prompts_file": str(args.prompts)}
     if geneval_meta is not None:
-        info["suite"] = suite
+        from flowbp.geneval.prompts import METADATA_FILE
+
+        info.update({"suite": suite, "prompts_file": str(args.prompts or METADATA_FILE)})
     if args.images is not None and geneval_meta is not None and geneval_suite.is_official_layout(Path(args.images)):
         image_set = geneval_suite.read_official_folder(Path(args.images), geneval_meta)
         info.update({"mode": "folder", "images": str(args.images)})
