@@ -34,7 +34,8 @@ def run(bench: Bench, s: AblationSettings) -> dict[str, Any]:
                             "knob": {c.label: a for c, a in pairs},
                             "gradients": measure_gradients(bench, s, configs, NAME)}
     if s.train:
-        data["training"] = run_trainings(bench, s, configs, NAME)
+        bench.write(NAME, {**data, "partial": True})  # an interrupted run keeps its gradients
+        data["training"] = run_trainings(bench, s, configs, NAME, data)
     return data
 
 

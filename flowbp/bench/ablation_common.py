@@ -32,9 +32,9 @@ class AblationSettings:
     """Sizes of the ablation runs (``ABLATION_QUICK`` / ``ABLATION_FULL`` below)."""
 
     num_steps: int = 25  # N of the gradient and deviation measurements
-    batch_size: int = 8
-    batches: int = 8  # the unit of the gradient intervals
-    draws: int = 4  # R plan draws per batch (shared by the variants of one method: paired by draw too)
+    batch_size: int = 4
+    batches: int = 6  # the unit of the gradient intervals
+    draws: int = 2  # R plan draws per batch (shared by the variants of one method: paired by draw too)
     cost_repeats: int = 3  # (rollout, step) timing pairs per configuration
     leap_batches: int = 8  # deviation rollouts; each sample of a batch is one trajectory (the unit)
     input_methods: tuple[str, ...] = ("refl", "drtune")
@@ -45,10 +45,10 @@ class AblationSettings:
     alpha_methods: tuple[str, ...] = ("flowbp-bridge", "flowbp-lagrange")
     train: bool = True  # the sample-efficiency runs of the input and α ablations
     seeds: int = 5  # training seeds (the unit of the training intervals)
-    train_steps: int = 15
-    train_batch_size: int = 8
-    train_num_steps: int = 10
-    train_eval_samples: int = 5  # per prompt, 10 prompts
+    train_steps: int = 10
+    train_batch_size: int = 4
+    train_num_steps: int = 8
+    train_eval_samples: int = 3  # per prompt, 10 prompts
     seed: int = 0
 
 

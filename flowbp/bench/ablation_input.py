@@ -38,7 +38,8 @@ def run(bench: Bench, s: AblationSettings) -> dict[str, Any]:
     data: dict[str, Any] = {"ablation": NAME, "settings": dataclasses.asdict(s),
                             "gradients": measure_gradients(bench, s, configs, NAME)}
     if s.train:
-        data["training"] = run_trainings(bench, s, configs, NAME)
+        bench.write(NAME, {**data, "partial": True})  # an interrupted run keeps its gradients
+        data["training"] = run_trainings(bench, s, configs, NAME, data)
     return data
 
 

@@ -114,12 +114,14 @@ def measure_cost(bench: Bench, s: AblationSettings, configs: Sequence[MethodConf
     return {"num_steps": n, "batch_size": s.batch_size, "device": str(bench.device), "rows": rows}
 
 
-def run_trainings(bench: Bench, s: AblationSettings, configs: Sequence[MethodConfig], tag: str) -> dict[str, Any]:
+def run_trainings(bench: Bench, s: AblationSettings, configs: Sequence[MethodConfig], tag: str,
+                  data: dict[str, Any] | None = None) -> dict[str, Any]:
     """``flowbp.train.train`` for every configuration and seed (seed-major, so an interrupted run is balanced).
 
     Each configuration's knobs go in as ``method_args``; everything else is the default config at the sizes of
     ``s``. Per run only the summary (eval before / after, held-out metrics) and the final training rewards are
-    kept; ``<out>/<tag>-partial.json`` holds the runs so far.
+    kept. After each seed ``<out>/<tag>.json`` is written with ``data`` (the measurements so far) and the runs so
+    far, marked ``partial``: ``--render`` makes tables of an interrupted run from it.
     """
     from flowbp.config import load_config
     from flowbp.train import train
@@ -155,7 +157,8 @@ def run_trainings(bench: Bench, s: AblationSettings, configs: Sequence[MethodCon
                                   "train_reward": [h["reward"] for h in history], "seconds": time.perf_counter() - t})
             bench.log(f"{tag}: training {c.label} seed {seed}: eval reward {summary['before']['reward']:.3f} -> "
                       f"{summary['after']['reward']:.3f} ({time.perf_counter() - t:.1f}s)")
-        bench.write(f"{tag}-partial", {"settings": dataclasses.asdict(s), "runs": runs})
+        done = {"seeds": list(range(seed + 1)), "reward": bench.default_reward, "runs": runs}
+        bench.write(tag, {**(data or {"settings": dataclasses.asdict(s)}), "training": done, "partial": True})
     return {"seeds": list(range(s.seeds)), "reward": bench.default_reward, "runs": runs}
 
 

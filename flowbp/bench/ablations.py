@@ -79,8 +79,64 @@ def load(out: Path, name: str) -> dict[str, Any] | None:
     return data
 
 
+METHOD_FIELDS = ("input_methods", "k_methods", "alpha_methods")
+
+
+def merge_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One ablation's JSON from runs split by ``--ablation-methods`` (same settings otherwise, disjoint methods).
+
+    Batches, plan draws and training seeds never depend on which other methods ran, so the union is what one
+    process would have written; ``seconds`` becomes the longest part (they ran side by side), ``seconds_parts``
+    keeps each.
+    """
+    import copy
+
+    base = copy.deepcopy(parts[0])
+    strip = {k: v for k, v in base["settings"].items() if k not in METHOD_FIELDS}
+    for part in parts[1:]:
+        other = {k: v for k, v in part["settings"].items() if k not in METHOD_FIELDS}
+        if other != strip:
+            changed = sorted(k for k in strip if strip[k] != other.get(k))
+            raise ValueError(f"--merge-from: {base['ablation']} parts differ in settings {changed}")
+        for key in METHOD_FIELDS:
+            base["settings"][key] = [*base["settings"][key],
+                                     *[m for m in part["settings"][key] if m not in base["settings"][key]]]
+        for path in (("knob",), ("gradients", "rows"), ("cost", "rows"), ("training", "runs")):
+            src, dst = part, base
+            for key in path:
+                src, dst = src.get(key) if src else None, dst.get(key) if dst else None
+            if src is None or dst is None:
+                continue
+            clash = sorted(set(src) & set(dst))
+            if clash:
+                raise ValueError(f"--merge-from: {base['ablation']}: {clash} appear in two parts")
+            dst.update(src)
+    seconds = [p.get("seconds") or 0.0 for p in parts]
+    base["seconds"], base["seconds_parts"] = max(seconds), seconds
+    base["command"] = " & ".join(str(p.get("command")) for p in parts)
+    return base
+
+
+def merge_into(out: Path, sources: list[Path]) -> None:
+    """Merge each ablation's JSON found in ``sources`` (and ``out``) into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ABLATIONS:
+        parts = [d for d in (load(src, name) for src in [out, *sources]) if d is not None]
+        if len(parts) > 1 and name == "ablation-leap":
+            raise ValueError(f"--merge-from: {name} appears in {len(parts)} folders; it cannot be split")
+        if parts:
+            merged = merge_parts(parts) if len(parts) > 1 else parts[0]
+            (out / f"{name}.json").write_text(json.dumps(merged, indent=1) + "\n")
+
+
 def render_ablations(ctx: Any) -> list[str]:
-    """Re-write the tables, plots and summary of every ablation JSON in ``ctx.out``; return the names found."""
+    """Re-write the tables, plots and summary of every ablation JSON in ``ctx.out``; return the names found.
+
+    With ``--merge-from DIR`` (repeatable) the ablation JSONs of those folders are first merged into ``--out``.
+    """
+    sources = [Path(d) for d in (getattr(ctx.args, "merge_from", None) or [])]
+    if sources:
+        merge_into(ctx.out, sources)
     found = []
     for name in ABLATIONS:
         data = load(ctx.out, name)

@@ -153,7 +153,8 @@ def render(args: argparse.Namespace) -> int:
     training = load("training-runs")
     found = [n for n, d in (("fidelity", fid), ("explosion", explosion), ("deviation", deviation), ("cost", cost),
                             ("training-runs", training)) if d is not None]
-    ablations = render_ablations(ReportContext(args, QUICK)) if out.is_dir() else []
+    merging = bool(getattr(args, "merge_from", None))
+    ablations = render_ablations(ReportContext(args, QUICK)) if out.is_dir() or merging else []
     if not found and not ablations:
         raise ValueError(f"--out: no bench JSON (fidelity, explosion, deviation, cost, training-runs, "
                          f"ablation-*) in {out}")

@@ -54,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ablation-methods", default=None, metavar="A,B,...",
                    help="ablations: only these methods in each sweep (default: all; splits a run over processes "
                    "without changing its numbers)")
+    p.add_argument("--merge-from", action="append", metavar="DIR",
+                   help="with --render: first merge the ablation JSON of DIR (a run split by --ablation-methods) "
+                   "into --out (repeatable)")
     p.add_argument("--no-ablation-training", action="store_true",
                    help="ablations: gradients, cost and deviations only, no sample-efficiency runs")
     p.add_argument("--reference", default="leapalign",
