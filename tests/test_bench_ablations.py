@@ -162,7 +162,18 @@ def _args(out: str, **extra: object) -> argparse.Namespace:
     return argparse.Namespace(**base)
 
 
-def test_tiny_ablations_write_json_tables_plots_and_render_reproduces_them(tmp_path) -> None:
+@pytest.fixture
+def one_thread():
+    """As ``flowbp bench`` on CPU: one thread (two spinning OpenMP threads are several times slower when shared)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_tiny_ablations_write_json_tables_plots_and_render_reproduces_them(tmp_path, one_thread) -> None:
     from flowbp.bench import ablation_alpha, ablation_input, ablation_k, ablation_leap
     from flowbp.bench.ablations import render_ablations, write_summary
     from flowbp.bench.context import Bench
