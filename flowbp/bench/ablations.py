@@ -111,9 +111,12 @@ def merge_parts(parts: list[dict[str, Any]]) -> dict[str, Any]:
             if clash:
                 raise ValueError(f"--merge-from: {base['ablation']}: {clash} appear in two parts")
             dst.update(src)
-    seconds = [p.get("seconds") or 0.0 for p in parts]
-    base["seconds"], base["seconds_parts"] = max(seconds), seconds
-    base["command"] = " & ".join(str(p.get("command")) for p in parts)
+    seconds = [p.get("seconds") for p in parts]
+    done = [t for t in seconds if t is not None]
+    base["seconds"], base["seconds_parts"] = (max(done) if done else None), seconds
+    commands = [p["command"] for p in parts if p.get("command")]
+    base["command"] = " & ".join(commands) if commands else None
+    base["partial"] = any(p.get("partial") for p in parts)
     return base
 
 
@@ -160,10 +163,11 @@ def write_summary(ctx: Any) -> None:
         data = json.loads(path.read_text())
         everything[name] = data
         claims += data.get("claims", [])
+        title = TITLES[name] + (" — partial (interrupted run)" if data.get("partial") else "")
         for c in data.get("claims", []):
             interval = (f"{c['mean']:+.3f} [{c['ci95_low']:+.3f}, {c['ci95_high']:+.3f}], n = {c['n']}"
                         if "ci95_low" in c else _alpha_interval(c))
-            rows.append([TITLES[name], c["claim"], interval, mark(c["verdict"])])
+            rows.append([title, c["claim"], interval, mark(c["verdict"])])
     times = {name: d.get("seconds") for name, d in everything.items()}
     commands = {name: d.get("command") for name, d in everything.items()}
     (ctx.out / "ablations.json").write_text(json.dumps({"claims": claims, "seconds": times, "commands": commands,
