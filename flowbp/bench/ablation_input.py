@@ -122,7 +122,7 @@ def write(bench: Any, data: dict[str, Any]) -> dict[str, Any]:
             if not runs:
                 continue
             vals = {key: seed_values(runs, key) for key, _ in TRAIN_METRICS}
-            trows.append([label, len(runs), *[_ci(vals[k], 2 if k == "frechet_distance" else 3)
+            trows.append([label, len(runs), *[_ci(vals[k], {"frechet_distance": 2, "reward_gain": 5}.get(k, 3))
                                               for k, _ in TRAIN_METRICS]])
         parts.append(md_table(["configuration", "seeds", "Δ eval reward", "held-out acc", "FD ↓"], trows))
         prow = []
@@ -131,7 +131,8 @@ def write(bench: Any, data: dict[str, Any]) -> dict[str, Any]:
                 if "training" in res:
                     d = res["training"][key]
                     prow.append([method, key + ("" if up else " (lower is better: posterior − endpoint)"),
-                                 signed(d, 2 if key == "frechet_distance" else 3), mark(d["verdict"])])
+                                 signed(d, {"frechet_distance": 2, "reward_gain": 5}.get(key, 3)),
+                                 mark(d["verdict"])])
         parts += ["", "Paired over seeds (> 0: endpoint better):", "",
                   md_table(["method", "metric", "difference [95% CI]", "verdict"], prow, align="llrl")]
     out = {**data, "analysis": analysis, "claims": claims(analysis)}

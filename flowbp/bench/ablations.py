@@ -165,7 +165,7 @@ def write_summary(ctx: Any) -> None:
         claims += data.get("claims", [])
         title = TITLES[name] + (" — partial (interrupted run)" if data.get("partial") else "")
         for c in data.get("claims", []):
-            interval = (f"{c['mean']:+.3f} [{c['ci95_low']:+.3f}, {c['ci95_high']:+.3f}], n = {c['n']}"
+            interval = (f"{c['mean']:+.3g} [{c['ci95_low']:+.3g}, {c['ci95_high']:+.3g}], n = {c['n']}"
                         if "ci95_low" in c else _alpha_interval(c))
             rows.append([title, c["claim"], interval, mark(c["verdict"])])
     times = {name: d.get("seconds") for name, d in everything.items()}
@@ -187,6 +187,6 @@ def _alpha_interval(c: dict[str, Any]) -> str:
     for key, end in (("vs_low", "α=0"), ("vs_high", "α=1")):
         d = c.get(key)
         if d:
-            parts.append(f"α={c['best_intermediate']:g} − {end}: {d['mean']:+.3f} [{d['ci95_low']:+.3f}, "
-                         f"{d['ci95_high']:+.3f}]")
+            parts.append(f"α={c['best_intermediate']:g} − {end}: {d['mean']:+.3g} [{d['ci95_low']:+.3g}, "
+                         f"{d['ci95_high']:+.3g}]")
     return "; ".join(parts) or "—"
