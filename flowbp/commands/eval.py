@@ -202,7 +202,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "eval",
         help="score samples of a model (or a folder of images) with metrics; compare two eval runs",
-        description="Score every image with every metric; write scores.jsonl, summary.json (means, 95%% CIs over "
+        description="Score every image with every metric; write scores.jsonl, summary.json (means, 95% CIs over "
         "prompts), images, contact_sheet.png and report.html. Or compare two runs: --compare RUN_A RUN_B.",
     )
     p.add_argument("--backbone", help="sample this backbone (e.g. digits)")
@@ -214,7 +214,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--metrics", help="comma-separated reward specs / held-out metrics, e.g. digit-alignment,heldout-correct"
     )
     p.add_argument("--images-per-prompt", type=int, default=1, help="images per prompt; image k uses seed SEED+k")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of image 0 of every prompt (default 0)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the backbone's)")
     p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the backbone's)")
@@ -222,7 +222,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
         help="weight dtype of a real backbone (auto: float32 on CPU, bfloat16 on GPU)",
     )
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="images sampled and scored per batch (default 16)")
     p.add_argument("--reward-path", action="append", metavar="NAME=PATH", help="weights of a reward (repeatable)")
     p.add_argument("--baseline", metavar="RUN", help="also compare with this eval run (paired by prompt and seed)")
     p.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="only compare two eval runs: A − B")
@@ -230,6 +230,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--out", help="run directory to write (default: evals/eval-<time>; with --compare: an optional JSON file)"
     )
     p.add_argument("--embed-images", action="store_true", help="embed the images in report.html (one portable file)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
