@@ -27,7 +27,7 @@ COMMANDS = {
     "flowbp --help": ["--help"],
     "flowbp train --help": ["train", "--help"],
     "method typo": ["train", "--set", "method=flowbp-lagrang"],
-    "reward typo": ["train", "--set", "reward=hpsv3"],
+    "reward typo": ["train", "--set", "reward=hpsv2+0.5*pickscor"],
     "config key typo": ["train", "--set", "lerning_rate=1e-4"],
 }
 HEAVY = ("torch", "diffusers", "transformers", "accelerate", "peft")
