@@ -367,7 +367,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "eval",
         help="score samples of a model (or a folder of images) with metrics; compare two eval runs",
-        description="Score every image with every metric; write scores.jsonl, summary.json (means, 95%% CIs over "
+        description="Score every image with every metric; write scores.jsonl, summary.json (means, 95% CIs over "
         "prompts), images, contact_sheet.png and report.html. Or compare two runs: --compare RUN_A RUN_B.",
     )
     p.add_argument("--backbone", help="sample this backbone (e.g. digits)")
@@ -390,7 +390,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
         help="weight dtype of a real backbone (auto: float32 on CPU, bfloat16 on GPU)",
     )
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="images sampled and scored per batch (default 16)")
     p.add_argument("--reward-path", action="append", metavar="NAME=PATH", help="weights of a reward (repeatable)")
     p.add_argument(
         "--suite", choices=["paper", "geneval"],
@@ -424,6 +424,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--out", help="run directory to write (default: evals/eval-<time>; with --compare: an optional JSON file)"
     )
     p.add_argument("--embed-images", action="store_true", help="embed the images in report.html (one portable file)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
