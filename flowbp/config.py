@@ -109,6 +109,11 @@ class TrainConfig:
     max_consecutive_skips: int = 5  # stop (with a checkpoint) after this many non-finite steps in a row
 
     def check(self) -> None:
+        # method, reward and backbone names first, read from the registries' source without importing
+        # torch: a typo fails in milliseconds, before any model loads (the registries check the rest)
+        from flowbp.names import check_names
+
+        check_names(self.method, self.reward, self.backbone)
         positive_ints = (
             "num_inference_steps",
             "steps",

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from flowbp.config import TrainConfig
+
+if TYPE_CHECKING:  # annotations only: the CLI imports TrainingStopped without paying for torch
+    import torch
 
 
 class TrainingStopped(RuntimeError):
