@@ -17,10 +17,30 @@ from typing import Any
 CELL = 160  # contact-sheet image side in pixels
 
 
-def _fmt(value: float) -> str:
+def fmt(value: float | None, signed: bool = False) -> str:
+    """The one number format of flowbp's tables (CLI and HTML): four significant digits.
+
+    A tiny value keeps its digits (``1.087e-05``, not ``0.0000``), so a difference that is significant
+    but small reads as small rather than as zero. ``signed`` puts ``+`` before positive values
+    (differences); ``None`` (JSON's NaN) prints as ``nan``.
+    """
+    if value is None:
+        return "nan"
+    value = float(value)
     if not math.isfinite(value):
         return str(value)
-    return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
+    sign = "+" if signed else ""
+    if value == 0:
+        return f"{0.0:{sign}.4g}"
+    return f"{value:{sign}.4g}" if abs(value) >= 1e-3 else f"{value:{sign}.3e}"
+
+
+def fmt_ci(low: float, high: float, signed: bool = False) -> str:
+    """``[low, high]`` in :func:`fmt`."""
+    return f"[{fmt(low, signed)}, {fmt(high, signed)}]"
+
+
+_fmt = fmt
 
 
 def contact_sheet(

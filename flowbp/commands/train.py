@@ -15,6 +15,12 @@ def run(args: argparse.Namespace) -> int:
 
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun / accelerate launch, only rank 0 prints
     overrides = parse_overrides(args.set)
+    for key in ("backbone", "backbone_path"):  # --backbone / --backbone-path: the flags of sample, eval and plan
+        value = getattr(args, key, None)
+        if value is not None:
+            if key in overrides and overrides[key] != value:
+                raise ValueError(f"--{key.replace('_', '-')}: {value!r} contradicts --set {key}={overrides[key]!r}")
+            overrides[key] = value
     if args.output_dir is not None:
         overrides["output_dir"] = args.output_dir
     if args.dry_run:  # memory estimate of the full-size architecture on the meta device; nothing is written
@@ -64,6 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("train", help="fine-tune a backbone with a reward (default: the digits testbed)")
     p.add_argument("--config", help="YAML config file or shipped preset name (default: built-in defaults)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (YAML value)")
+    p.add_argument("--backbone", metavar="NAME", help="the backbone to train (= --set backbone=NAME)")
+    p.add_argument("--backbone-path", metavar="PATH", help="its base weights (= --set backbone_path=PATH)")
     p.add_argument("--output-dir", help="run directory (must not exist or be empty)")
     p.add_argument(
         "--resume",
