@@ -52,7 +52,7 @@ from flowbp.checkpoint import (
 )
 from flowbp.config import TrainConfig, load_config, save_config, validate_against_components
 from flowbp.engine import surrogate
-from flowbp.evaluate import EvalResult, evaluate, periodic_eval, read_prompts
+from flowbp.evaluate import EvalResult, eval_size, evaluate, periodic_eval, read_prompts
 from flowbp.images import image_grid, plot_curves, save_grid
 from flowbp.losses import reward_loss
 from flowbp.methods import make_plan
@@ -136,7 +136,7 @@ def _eval_prompts(config: TrainConfig, backbone: Any) -> list[str]:
         prompts = read_prompts(config.eval_prompts_file, "eval_prompts_file")
     else:
         prompts = list(backbone.default_prompts())
-    return prompts[: config.eval_max_prompts]
+    return prompts[: eval_size(config)[0]]
 
 
 # ----------------------------------------------------------------------------- components (small, replaceable)
@@ -504,7 +504,7 @@ def _evaluate(run: Run) -> EvalResult:
             run.backbone,
             run.reward,
             run.eval_prompts,
-            c.eval_samples_per_prompt,
+            eval_size(c)[1],
             c.num_inference_steps,
             c.guidance_scale,
             c.eval_seed,
