@@ -45,21 +45,22 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError("--output-dir: required when launching several processes")
             config = load_config(args.config, {**overrides, "output_dir": str(default_run_dir(config))})
         run_dir = Path(config.output_dir)
-        if main_process:
-            print(f"run directory: {run_dir}", flush=True)
-        summary = train(config)
+        summary = train(config)  # prints "run directory: …" once the folder exists
     if summary is not None and main_process:  # one report, from the main process
+        from flowbp.report import fmt, fmt_ci
+
         keys = ("reward", "heldout_accuracy", "frechet_distance", "diversity")
-        before, after = summary["before"], summary["after"]
+        before, after = summary["before"] or {}, summary["after"]
         print(f"\n{'metric':<20} {'before':>10} {'after':>10}")
         for key in keys:
             if key in after:
-                print(f"{key:<20} {before[key]:>10.4f} {after[key]:>10.4f}")
+                print(f"{key:<20} {fmt(before.get(key)) if before else '—':>10} {fmt(after[key]):>10}")
         imp = summary["reward_improvement"]
-        print(
-            f"reward improvement: {imp['mean']:+.4f}  95% CI [{imp['ci95_low']:+.4f}, {imp['ci95_high']:+.4f}]"
-            f"  (n={imp['n']})"
-        )
+        if imp is None:
+            print("reward improvement: not measured (eval_at_start: false)")
+        else:
+            ci = fmt_ci(imp["ci95_low"], imp["ci95_high"], signed=True)
+            print(f"reward improvement: {fmt(imp['mean'], True)}  95% CI {ci}  (n={imp['n']})")
         print(f"sample grids: {run_dir / 'samples'}/   summary: {run_dir / 'summary.json'}")
         if args.json:
             print(json.dumps(summary, indent=2))
