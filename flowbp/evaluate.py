@@ -48,6 +48,19 @@ DEFAULT_EVAL_SIZE: dict[str, tuple[int | None, int]] = {"digits": (None, 20)}
 SMALL_EVAL_SIZE: tuple[int | None, int] = (8, 2)
 
 
+def describe_guidance(backbone: Any, guidance: float | None) -> str:
+    """What guidance a sample used, in words (never ``None``): the value, its kind and where it came from."""
+    value = float(backbone.default_guidance_scale if guidance is None else guidance)
+    if getattr(backbone, "negative_prompt", "") is None:  # guidance-distilled (FLUX.1): an embedding input
+        kind = "guidance embedding, no CFG"
+    elif getattr(backbone, "is_distilled", False) or value <= 1.0:
+        kind = "no CFG"
+    else:
+        kind = "classifier-free guidance"
+    origin = f"the {backbone.name} default" if guidance is None else "as set"
+    return f"{value:g} ({kind}; {origin})"
+
+
 def eval_size(config) -> tuple[int | None, int]:
     """(max prompts or None for all, images per prompt) of a training run's evaluation: the config's or the default."""
     default = DEFAULT_EVAL_SIZE.get(config.backbone, SMALL_EVAL_SIZE)
@@ -712,7 +725,7 @@ def periodic_eval(run) -> dict[str, dict[str, float]]:
     if run.accelerator.is_main_process:
         info = {"mode": "training", "run": str(run.run_dir), "step": run.step, "backbone": c.backbone,
                 "images_per_prompt": per_prompt, "seed": c.eval_seed,
-                "steps": c.num_inference_steps, "guidance": c.guidance_scale}
+                "steps": c.num_inference_steps, "guidance": describe_guidance(backbone, c.guidance_scale)}
         write_run(run.run_dir / "eval" / f"step-{run.step:06d}", image_set, specs, scores, info, overwrite=True)
         if run.writer is not None:
             for name, s in summary.items():

@@ -61,12 +61,13 @@ def test_plain_sd3_run_starts_training_after_a_small_announced_evaluation(tiny_s
     out = tmp_path / "run"
     code = main(["train", "--backbone", "sd3", "--backbone-path", str(tiny_sd3_dir), "--set", "resolution=32",
                  "--set", "prompts=[a red cube, two dogs]", "--set", "steps=1", "--set", "batch_size=1",
-                 "--set", "num_inference_steps=2", "--set", "log_with=none", "--set", "progress=false",
+                 "--set", "num_inference_steps=3", "--set", "method_args={jk_sampling: uniform}",
+                 "--set", "reward=digit-contrast", "--set", "log_with=none", "--set", "progress=false",
                  "--set", "sample_every=0", "--output-dir", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert counter.before_training == 16 + 16  # evaluation 8 × 2, grid min(10, 8) prompts × min(8, 2) images
-    assert "evaluation before training: 16 images (8 prompts × 2), 2 sampling steps, about" in captured.err
+    assert "evaluation before training: 16 images (8 prompts × 2), 3 sampling steps, about" in captured.err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_samples"] == 16
 

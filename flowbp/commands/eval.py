@@ -158,8 +158,8 @@ def run(args: argparse.Namespace) -> int:
     scorers = {m: ev.load_metric(m, paths, device) for m in metrics}
 
     if args.images is None:
-        from flowbp.commands.options import describe_guidance
         from flowbp.commands.sample import load_lora_checked
+        from flowbp.evaluate import describe_guidance
 
         backbone = _load_backbone(args, device)
         info["guidance"] = describe_guidance(backbone, args.guidance)

@@ -97,16 +97,3 @@ def load_backbone_for_cli(
             if message.startswith(key):
                 message = option + message[len(key):]
         raise ValueError(message) from None
-
-
-def describe_guidance(backbone: Any, guidance: float | None) -> str:
-    """What guidance a sample used, in words (never ``None``): the value, its kind and where it came from."""
-    value = float(backbone.default_guidance_scale if guidance is None else guidance)
-    if getattr(backbone, "negative_prompt", "") is None:  # guidance-distilled (FLUX.1): an embedding input
-        kind = "guidance embedding, no CFG"
-    elif getattr(backbone, "is_distilled", False) or value <= 1.0:
-        kind = "no CFG"
-    else:
-        kind = "classifier-free guidance"
-    origin = f"the {backbone.name} default" if guidance is None else "as set"
-    return f"{value:g} ({kind}; {origin})"

@@ -110,7 +110,8 @@ def _prompts(args: argparse.Namespace, config: Any | None, backbone: Any) -> lis
 
 def run(args: argparse.Namespace) -> int:
     from flowbp import evaluate as ev
-    from flowbp.commands.options import describe_guidance, load_backbone_for_cli, resolve_device
+    from flowbp.commands.options import load_backbone_for_cli, resolve_device
+    from flowbp.evaluate import describe_guidance
 
     # ---- options first: nothing is loaded or written before they are all valid
     for name in ("images_per_prompt", "steps", "batch_size"):

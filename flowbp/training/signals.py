@@ -31,7 +31,7 @@ def stop_on_signals(run: Run) -> Iterator[None]:
         stop.request(signum)
         if run.is_main:
             print(
-                f"\nflowbp train: {signal.Signals(signum).name} received; stopping after the current step or "
+                f"\nflowbp train: {signal.Signals(signum).name} received; finishing the current step or "
                 "sampling batch and writing a checkpoint … (Ctrl-C again: stop at once)",
                 file=sys.stderr,
                 flush=True,
