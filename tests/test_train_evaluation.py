@@ -74,10 +74,13 @@ def test_plain_sd3_run_starts_training_after_a_small_announced_evaluation(tiny_s
 
 def test_eval_at_start_false_samples_nothing_before_step_one(tmp_path: Path, monkeypatch) -> None:
     counter = Counter(monkeypatch)
-    summary = train(load_config(None, {**DIGITS, "eval_at_start": False, "output_dir": str(tmp_path / "r")}))
+    summary = train(load_config(None, {**DIGITS, "eval_at_start": False, "eval_max_prompts": 4,
+                                       "eval_samples_per_prompt": 2, "output_dir": str(tmp_path / "r")}))
     assert counter.before_training == 0
     assert summary["before"] is None and summary["reward_improvement"] is None
-    assert summary["after"]["reward"] == pytest.approx(summary["after"]["reward"])
+    assert summary["eval_samples"] == 8  # the evaluation after training still runs
+    assert not (tmp_path / "r" / "samples" / "step-000000.png").exists()
+    assert (tmp_path / "r" / "samples" / "final.png").is_file()
 
 
 def test_an_evaluation_that_cannot_be_scored_fails_before_anything_exists(tmp_path: Path, monkeypatch,
@@ -96,11 +99,10 @@ def test_an_evaluation_that_cannot_be_scored_fails_before_anything_exists(tmp_pa
 
 def test_sigterm_during_the_final_evaluation_stops_within_a_batch_and_resumes(tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "r"
-    config = load_config(None, {**DIGITS, "eval_samples_per_prompt": 8, "eval_batch_size": 8,
+    config = load_config(None, {**DIGITS, "eval_max_prompts": 4, "eval_samples_per_prompt": 2, "eval_batch_size": 2,
                                 "output_dir": str(out)})
     counter = Counter(monkeypatch)
-    # the step-0 evaluation is 10 batches (80 images / 8); the final one starts at call 11 (no grids: sample_every
-    # 0 still draws the step-0 and final grids: 10 prompts × 8 = 80 images = 10 more calls each)
+    # each evaluation is 4 batches (4 prompts × 2 images / 2); the signal comes during the third of the final one
     calls_before_final: list[int] = []
 
     original_finish = train_module.finish
@@ -129,7 +131,8 @@ def test_sigterm_before_the_first_step_leaves_nothing_and_says_so(tmp_path: Path
     counter = Counter(monkeypatch)
     counter.action = (2, lambda: os.kill(os.getpid(), signal.SIGTERM))
     with pytest.raises(TrainingStopped) as stopped:
-        train(load_config(None, {**DIGITS, "eval_batch_size": 16, "output_dir": str(out)}))
+        train(load_config(None, {**DIGITS, "eval_max_prompts": 4, "eval_samples_per_prompt": 2, "eval_batch_size": 2,
+                                 "output_dir": str(out)}))
     assert "before the first training step" in str(stopped.value) and "removed" in str(stopped.value)
     assert counter.calls == 2 and counter.before_training is None
     assert not out.exists()

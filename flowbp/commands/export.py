@@ -132,7 +132,7 @@ def model_card(config: Any, summary: dict[str, Any], kind: str, files: list[str]
         "| metric | before | after | change [95% CI] |",
         "|---|---|---|---|",
     ]
-    before, after = summary.get("before", {}), summary.get("after", {})
+    before, after = summary.get("before") or {}, summary.get("after") or {}  # no "before": eval_at_start false
     changes = {"reward": summary.get("reward_improvement")}
     changes.update({k.removesuffix("_change"): v for k, v in summary.items() if k.endswith("_change")})
     for key in after:
@@ -140,7 +140,8 @@ def model_card(config: Any, summary: dict[str, Any], kind: str, files: list[str]
         if not isinstance(after[key], int | float):
             continue
         cell = _ci_cell(change) if isinstance(change, dict) and "mean" in change else "—"
-        lines.append(f"| {key} | {fmt(before.get(key))} | {fmt(after[key])} | {cell} |")
+        prior = fmt(before[key]) if key in before else "—"
+        lines.append(f"| {key} | {prior} | {fmt(after[key])} | {cell} |")
     if latest_eval is not None:
         step, ev = latest_eval
         lines += [
