@@ -16,11 +16,11 @@ def test_a_tiny_significant_difference_prints_as_tiny_in_cli_and_html(tmp_path: 
     comparison = {"a": "A", "b": "B", "pairing": "paired", "metrics": {"reward": c}}
     _print_comparison(comparison)
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("reward"))
-    assert "+1.087e-05" in row and "[+9.1e-06, +1.26e-05]" in row and "+0.0000" not in row
+    assert "+1.087e-05" in row and "[+9.100e-06, +1.260e-05]" in row and "+0.0000" not in row
     summary = {"metrics": {"reward": {"mean": 0.5000108, "ci95_low": 0.4, "ci95_high": 0.6, "n_prompts": 8,
                                       "n_images": 16}}}
     html = write_report(tmp_path, summary, [], ["reward"], comparison).read_text()
-    assert f"<td>{fmt(1.087e-05, True)}</td>" in html and "[+9.1e-06, +1.26e-05]" in html
+    assert f"<td>{fmt(1.087e-05, True)}</td>" in html and "[+9.100e-06, +1.260e-05]" in html
     assert fmt(0.0) == "0" and fmt(-0.25, True) == "-0.25" and fmt(None) == "nan" and fmt(123456.0) == "1.235e+05"
 
 
