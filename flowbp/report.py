@@ -159,7 +159,7 @@ def _comparison_table(comparison: Mapping[str, Any]) -> list[str]:
         sig = '<span class="sig">yes</span>' if c["significant"] else '<span class="ns">no</span>'
         out.append(
             f'<tr><td class="text">{html.escape(name)}</td><td>{_fmt(c["mean_a"])}</td><td>{_fmt(c["mean_b"])}</td>'
-            f"<td>{_fmt(c['diff'])}</td><td>[{_fmt(c['ci95_low'])}, {_fmt(c['ci95_high'])}]</td>"
+            f"<td>{fmt(c['diff'], True)}</td><td>{fmt_ci(c['ci95_low'], c['ci95_high'], True)}</td>"
             f'<td>{c["n_prompts"]}</td><td class="text">{sig}</td></tr>'
         )
     out.append("</table>")
