@@ -21,7 +21,7 @@ def test_a_tiny_significant_difference_prints_as_tiny_in_cli_and_html(tmp_path: 
                                       "n_images": 16}}}
     html = write_report(tmp_path, summary, [], ["reward"], comparison).read_text()
     assert f"<td>{fmt(1.087e-05, True)}</td>" in html and "[+9.100e-06, +1.260e-05]" in html
-    assert fmt(0.0) == "0" and fmt(-0.25, True) == "-0.25" and fmt(None) == "nan" and fmt(123456.0) == "1.235e+05"
+    assert fmt(0.0) == "0" and fmt(-0.25, True) == "-0.25" and fmt(None) == "missing" and fmt(123456.0) == "1.235e+05"
 
 
 def test_eval_report_names_the_guidance_used(tmp_path: Path) -> None:
