@@ -16,6 +16,7 @@ COMMANDS = (
     "flowbp.commands.pretrain",
     "flowbp.commands.train",
     "flowbp.commands.sample",
+    "flowbp.commands.export",
     "flowbp.commands.bench",
     "flowbp.commands.eval",
     "flowbp.commands.convert_reward",

@@ -82,9 +82,14 @@ class TrainConfig:
     seed: int = 42
     plan_seed: int = 114
     # --- evaluation, logging, outputs
-    eval_samples_per_prompt: int = 20
+    # The evaluation before and after training (and every eval_every steps): eval_max_prompts prompts ×
+    # eval_samples_per_prompt images. None: the backbone's default size (flowbp.evaluate.eval_size): digits
+    # 10 prompts × 20; a real backbone 8 prompts × 2, small enough to start training within a minute; the paper
+    # presets set the paper's protocol, 400 prompts × 1.
+    eval_samples_per_prompt: int | None = None
     eval_prompts_file: str | None = None  # None: digits prompts / the 400 HPDv2 test prompts for real backbones
-    eval_max_prompts: int | None = None  # use only the first N evaluation prompts
+    eval_max_prompts: int | None = None  # use only the first N evaluation prompts (None: the backbone's default)
+    eval_at_start: bool = True  # false: no evaluation (nor sample grid) before step 1; the summary has no "before"
     eval_seed: int = 2024
     eval_batch_size: int = 128  # samples per evaluation / grid rollout batch
     # periodic held-out evaluation (flowbp.evaluate.periodic_eval), the same code as `flowbp eval`:
@@ -125,7 +130,7 @@ class TrainConfig:
             "max_consecutive_skips",
         )
         for name in positive_ints:
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
         for name in ("sample_every", "checkpoint_every", "eval_every", "lr_warmup_steps", "checkpoint_keep_last"):
             if getattr(self, name) < 0:

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flowbp import stop
 from flowbp.stats import group_means, mean_ci, paired_difference
 from flowbp.trajectory import rollout
 
@@ -32,6 +33,82 @@ def digits_heldout(images: torch.Tensor, prompts: Sequence[str]) -> tuple[dict[s
 
     correct = heldout_logits(images).argmax(1).cpu() == prompt_labels(prompts).cpu()
     return evaluate_images(images, prompts), {"heldout_correct": correct.double()}
+
+
+#: Image shape the held-out metrics expect, to check an evaluation plan on placeholders before sampling.
+HELDOUT_IMAGE_SHAPE: dict[str, tuple[int, int, int]] = {"digits": (3, 16, 16)}
+
+#: Evaluation size (prompts, images per prompt) of a run whose config names none; None: every prompt.
+#: digits: its 10 class prompts × 20 (cheap at 16 px, and the held-out diversity/Fréchet metrics need many
+#: images per class). Every real backbone: 8 prompts × 2 images = 16 images before training and 16 after:
+#: seconds on a tiny pipeline, about a minute for SD3.5-M on one GPU, so training starts promptly; 8 prompts give
+#: a t-interval with 7 degrees of freedom (a rough "did the reward move" check, not a paper number), and 2 images
+#: per prompt let the interval average within prompts. The paper presets set the paper's protocol, 400 × 1.
+DEFAULT_EVAL_SIZE: dict[str, tuple[int | None, int]] = {"digits": (None, 20)}
+SMALL_EVAL_SIZE: tuple[int | None, int] = (8, 2)
+
+
+def describe_guidance(backbone: Any, guidance: float | None) -> str:
+    """What guidance a sample used, in words (never ``None``): the value, its kind and where it came from."""
+    value = float(backbone.default_guidance_scale if guidance is None else guidance)
+    if getattr(backbone, "negative_prompt", "") is None:  # guidance-distilled (FLUX.1): an embedding input
+        kind = "guidance embedding, no CFG"
+    elif getattr(backbone, "is_distilled", False) or value <= 1.0:
+        kind = "no CFG"
+    else:
+        kind = "classifier-free guidance"
+    origin = f"the {backbone.name} default" if guidance is None else "as set"
+    return f"{value:g} ({kind}; {origin})"
+
+
+def eval_size(config) -> tuple[int | None, int]:
+    """(max prompts or None for all, images per prompt) of a training run's evaluation: the config's or the default."""
+    default = DEFAULT_EVAL_SIZE.get(config.backbone, SMALL_EVAL_SIZE)
+    prompts = config.eval_max_prompts if config.eval_max_prompts is not None else default[0]
+    per_prompt = config.eval_samples_per_prompt if config.eval_samples_per_prompt is not None else default[1]
+    return prompts, per_prompt
+
+
+def check_eval_plan(backbone_name: str, prompts: Sequence[str], per_prompt: int) -> None:
+    """Run the backbone's held-out metrics on placeholder images of the planned count, so that a plan they cannot
+    score (e.g. digits with one image per class: no diversity) fails before anything is sampled or written."""
+    if backbone_name not in HELDOUT_METRICS:
+        return
+    images = torch.full((len(prompts) * per_prompt, *HELDOUT_IMAGE_SHAPE[backbone_name]), 0.5)
+    planned = [p for p in prompts for _ in range(per_prompt)]
+    try:
+        _load(HELDOUT_METRICS[backbone_name])(images, planned)
+    except ValueError as exc:
+        raise ValueError(
+            f"eval_samples_per_prompt: {len(prompts)} prompts × {per_prompt} images cannot be evaluated on "
+            f"{backbone_name}: {exc} (raise eval_samples_per_prompt)"
+        ) from None
+
+
+def estimate_seconds(backbone, prompts: Sequence[str], n_images: int, num_steps: int, guidance_scale: float | None,
+                     chunk: int) -> float:
+    """Seconds to sample ``n_images``: one timed model call at the evaluation's batch size, × steps × batches."""
+    import time
+
+    batch = max(1, min(chunk, n_images))
+    cond = backbone.encode_prompts([prompts[0]] * batch)
+    x = backbone.initial_noise(batch, torch.Generator().manual_seed(0))
+    velocity = backbone.velocity_fn(cond, guidance_scale)
+    sigma = float(backbone.sigmas(num_steps)[0])
+    with torch.no_grad():
+        start = time.perf_counter()
+        velocity(x, sigma)
+        elapsed = time.perf_counter() - start
+    return elapsed * num_steps * math.ceil(n_images / batch)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 @dataclass
@@ -68,29 +145,40 @@ def evaluate(
     seed: int,
     chunk: int = 128,
     heldout: bool = True,
+    progress: bool = False,
+    desc: str = "evaluating",
 ) -> EvalResult:
     """Sample ``samples_per_prompt`` images per prompt from fixed seeds and score them.
 
     ``reward=None`` skips scoring (rewards are then empty) and ``heldout=False`` the held-out metrics:
-    a sample grid needs neither.
+    a sample grid needs neither. ``progress`` shows a bar (images, rate, time left); a stop request
+    (:mod:`flowbp.stop`, set by training's signal handler) ends it between chunks with ``StopRequested``.
     """
+    from tqdm.auto import tqdm
+
     all_prompts = [p for p in prompts for _ in range(samples_per_prompt)]
     gen = torch.Generator().manual_seed(seed)
     sigmas = backbone.sigmas(num_steps)
     images, rewards, parts = [], [], {}
+    bar = tqdm(total=len(all_prompts), desc=desc, unit="img", disable=not progress, dynamic_ncols=True,
+               leave=False)
     for start in range(0, len(all_prompts), chunk):
+        stop.check()
         batch = all_prompts[start : start + chunk]
         cond = backbone.encode_prompts(batch)
         noise = backbone.initial_noise(len(batch), gen)
         traj = rollout(backbone.velocity_fn(cond, guidance_scale), noise, sigmas)
         img = backbone.decode(traj.sample).float()
         images.append(img.cpu())
+        bar.update(len(batch))
         if reward is None:
             continue
         rewards.append(reward(img, batch).float().cpu())
         if hasattr(reward, "parts"):
             for k, v in reward.parts(img, batch).items():
                 parts.setdefault(k, []).append(v.float().cpu())
+    bar.close()
+    stop.check()
     result = EvalResult(
         prompts=all_prompts,
         rewards=torch.cat(rewards) if rewards else torch.empty(0),
@@ -278,6 +366,7 @@ def generate(
     out: list[torch.Tensor] = []
     bar = tqdm(total=len(keys), desc="sampling", unit="img", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(keys), batch_size):
+        stop.check()
         chunk = keys[start : start + batch_size]
         batch_prompts = [prompts[i] for i, _ in chunk]
         noise = torch.cat([backbone.initial_noise(1, torch.Generator().manual_seed(s)) for _, s in chunk])
@@ -317,6 +406,7 @@ def score(
     )
     for name, fn in metrics.items():
         for idx in batches:
+            stop.check()
             x = to_float(torch.stack([images[k] for k in idx]).to(device))
             s = fn(x, [prompts[k] for k in idx]).detach().double().cpu().reshape(-1)
             if s.numel() != len(idx):
@@ -634,6 +724,24 @@ def eval_metric_specs(config, backbone_name: str) -> list[str]:
 _SCORERS: dict[tuple[str, str, str], Callable] = {}  # (spec, reward paths, device) -> loaded scorer
 
 
+def eval_scorers(config, backbone_name: str, reward: Callable, device) -> dict[str, Callable]:
+    """The scorers of the periodic evaluation, loaded once per process; training calls it before the run folder
+    exists, so a metric whose weights cannot load fails first."""
+    scorers = {}
+    for spec in eval_metric_specs(config, backbone_name):
+        if spec == config.reward:  # the training reward is already loaded: no second copy of a large model
+            scorers[spec] = reward
+            continue
+        key = (spec, json.dumps(config.reward_paths, sort_keys=True), str(device))
+        if key not in _SCORERS:  # large reward models load once per process, not once per evaluation
+            try:
+                _SCORERS[key] = load_metric(spec, config.reward_paths, device)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"eval_metrics: cannot load {spec!r}: {' '.join(str(exc).split())}") from None
+        scorers[spec] = _SCORERS[key]
+    return scorers
+
+
 def periodic_eval(run, keep: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
     """Evaluate the EMA weights of a training run on its held-out prompt set; log and write it.
 
@@ -654,17 +762,9 @@ def periodic_eval(run, keep: dict[str, Any] | None = None) -> dict[str, dict[str
     batch_size = c.eval_batch_size
     specs = eval_metric_specs(c, backbone.name)
     device = run.accelerator.device
-    scorers = {}
-    for spec in specs:
-        if spec == c.reward:  # the training reward is already loaded: no second copy of a large model
-            scorers[spec] = run.reward
-        else:
-            paths = c.reward_paths
-            key = (spec, json.dumps(paths, sort_keys=True), str(device))
-            if key not in _SCORERS:  # large reward models load once per process, not once per evaluation
-                _SCORERS[key] = load_metric(spec, paths, device)
-            scorers[spec] = _SCORERS[key]
-    keys = plan_keys(len(prompts), c.eval_samples_per_prompt, c.eval_seed)
+    scorers = eval_scorers(c, backbone.name, run.reward, device)
+    per_prompt = eval_size(c)[1]
+    keys = plan_keys(len(prompts), per_prompt, c.eval_seed)
     image_set = ImageSet(list(prompts), keys)
     with ema_weights(run):
         image_set.images = generate(backbone, prompts, keys, c.num_inference_steps, c.guidance_scale, batch_size)
@@ -676,8 +776,8 @@ def periodic_eval(run, keep: dict[str, Any] | None = None) -> dict[str, dict[str
         keep.update(image_set=image_set, specs=specs, scores=scores)
     if run.accelerator.is_main_process:
         info = {"mode": "training", "run": str(run.run_dir), "step": run.step, "backbone": c.backbone,
-                "images_per_prompt": c.eval_samples_per_prompt, "seed": c.eval_seed,
-                "steps": c.num_inference_steps, "guidance": c.guidance_scale}
+                "images_per_prompt": per_prompt, "seed": c.eval_seed,
+                "steps": c.num_inference_steps, "guidance": describe_guidance(backbone, c.guidance_scale)}
         step_dir = run.run_dir / "eval" / f"step-{run.step:06d}"
         write_run(step_dir, image_set, specs, scores, info, overwrite=True, answers=answers)
         if run.writer is not None:

@@ -17,12 +17,30 @@ from typing import Any
 CELL = 160  # contact-sheet image side in pixels
 
 
-def _fmt(value: float | None) -> str:
-    if value is None:  # a missing score (a judge's answer without a parsable score)
+def fmt(value: float | None, signed: bool = False) -> str:
+    """The one number format of flowbp's tables (CLI and HTML): four significant digits.
+
+    A tiny value keeps its digits (``1.087e-05``, not ``0.0000``), so a difference that is significant
+    but small reads as small rather than as zero. ``signed`` puts ``+`` before positive values
+    (differences); ``None`` (a missing score: a judge's answer without a parsable score) prints as ``missing``.
+    """
+    if value is None:
         return "missing"
+    value = float(value)
     if not math.isfinite(value):
         return str(value)
-    return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
+    sign = "+" if signed else ""
+    if value == 0:
+        return f"{0.0:{sign}.4g}"
+    return f"{value:{sign}.4g}" if abs(value) >= 1e-3 else f"{value:{sign}.3e}"
+
+
+def fmt_ci(low: float, high: float, signed: bool = False) -> str:
+    """``[low, high]`` in :func:`fmt`."""
+    return f"[{fmt(low, signed)}, {fmt(high, signed)}]"
+
+
+_fmt = fmt
 
 
 def contact_sheet(
@@ -152,7 +170,7 @@ def _comparison_table(comparison: Mapping[str, Any]) -> list[str]:
         sig = '<span class="sig">yes</span>' if c["significant"] else '<span class="ns">no</span>'
         out.append(
             f'<tr><td class="text">{html.escape(name)}</td><td>{_fmt(c["mean_a"])}</td><td>{_fmt(c["mean_b"])}</td>'
-            f"<td>{_fmt(c['diff'])}</td><td>[{_fmt(c['ci95_low'])}, {_fmt(c['ci95_high'])}]</td>"
+            f"<td>{fmt(c['diff'], True)}</td><td>{fmt_ci(c['ci95_low'], c['ci95_high'], True)}</td>"
             f'<td>{c["n_prompts"]}</td><td class="text">{sig}</td></tr>'
         )
     out.append("</table>")

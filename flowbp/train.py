@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import sys
 import time
@@ -31,10 +32,10 @@ from typing import Any
 import torch
 
 from flowbp import _testing_hooks as hooks
-from flowbp import guard
+from flowbp import guard, stop
 from flowbp.checkpoint import atomic_write_text, clean_temporaries
 from flowbp.config import TrainConfig, load_config, save_config, validate_against_components
-from flowbp.evaluate import periodic_eval
+from flowbp.evaluate import check_eval_plan, eval_scorers, eval_size, periodic_eval
 from flowbp.images import plot_curves
 from flowbp.stats import mean_ci
 from flowbp.training.accelerator import any_rank, make_accelerator
@@ -106,6 +107,12 @@ def setup(config: TrainConfig, run_dir: Path | None = None, resume_from: Path | 
     reward = build_reward(config, accelerator.device)
     prompts = training_prompts(config, backbone)
     backbone.encode_prompts(prompts)  # fail early on prompts the backbone cannot encode
+    # the evaluations must be able to run before the run folder exists: their size against the held-out metrics
+    # (e.g. digits' diversity needs two images of a class), and the periodic metrics' weights
+    eval_prompts = eval_prompt_set(config, backbone)
+    check_eval_plan(config.backbone, eval_prompts, eval_size(config)[1])
+    if config.eval_every:
+        eval_scorers(config, backbone.name, reward, accelerator.device)
     model = make_trainable(config, backbone)
     if config.finetune == "lora" and accelerator.distributed_type.value == "FSDP":
         raise ValueError("finetune: 'lora' runs data-parallel with DDP; use the FSDP2 preset with finetune: full")
@@ -126,7 +133,7 @@ def setup(config: TrainConfig, run_dir: Path | None = None, resume_from: Path | 
         prepared=prepared,
         reward=reward,
         prompts=prompts,
-        eval_prompts=eval_prompt_set(config, backbone),
+        eval_prompts=eval_prompts,
         parameters=parameters,
         optimizer=optimizer,
         scheduler=scheduler,
@@ -184,6 +191,8 @@ def train(
                 f"output_dir: {run_dir} exists and is not empty (choose another, or resume it with --resume)"
             )
         run = setup(config, run_dir)
+        if run.is_main:  # printed once the folder exists (a failing command never names one)
+            print(f"run directory: {run_dir}", flush=True)
     c = run.config
     if c.trackers():
         flat = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in c.to_dict().items()}
@@ -191,23 +200,71 @@ def train(
             if getattr(tracker, "name", None) == "tensorboard":  # a resumed run rewrites its steps after the checkpoint
                 tracker.init_kwargs["purge_step"] = run.step or None
         run.accelerator.init_trackers("flowbp", config=flat if ckpt is None else None)
+    ended = False
     try:
         with stop_on_signals(run):
-            return _loop(run, start_time, stop_after, tqdm)
+            return _loop(run, start_time, stop_after, tqdm, fresh=resume is None)
+    except TrainingStopped as exc:
+        if getattr(exc, "before_first_step", False) and resume is None and run.is_main:
+            run.accelerator.end_training()  # closes the TensorBoard files before the folder goes
+            ended = True
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     finally:
-        run.accelerator.end_training()
+        if not ended:
+            run.accelerator.end_training()
 
 
-def _loop(run: Run, start_time: float, stop_after: int | None, tqdm: Any) -> dict[str, Any] | None:
+def _signal_name(run: Run) -> str:
+    return signal.Signals(run.stop_signal).name if run.stop_signal else "a signal on another rank"
+
+
+def _stop_with_checkpoint(run: Run) -> TrainingStopped:
+    """Checkpoint the last completed step and say how to resume (the signal arrived during or after it)."""
     c = run.config
+    path = save_run_checkpoint(run)
+    return TrainingStopped(
+        f"stopped by {_signal_name(run)} after step {run.step} of {c.steps}; checkpoint written to {path}; "
+        f"resume with: flowbp train --resume {run.run_dir}",
+        exit_code=128 + (run.stop_signal or signal.SIGTERM),
+    )
+
+
+def _stop_before_training(run: Run, signum: int, fresh: bool) -> TrainingStopped:
+    """A signal during the evaluation before step 1: nothing was trained; a fresh run's folder is removed."""
+    name = signal.Signals(signum).name
+    if fresh:
+        what = f"nothing was trained, so {run.run_dir} was removed (run the same command again to start over)"
+    else:
+        what = f"nothing was trained; resume with: flowbp train --resume {run.run_dir}"
+    stopped = TrainingStopped(
+        f"stopped by {name} during the evaluation before the first training step; {what}",
+        exit_code=128 + signum,
+    )
+    stopped.before_first_step = True  # type: ignore[attr-defined]
+    return stopped
+
+
+def _loop(
+    run: Run, start_time: float, stop_after: int | None, tqdm: Any, fresh: bool = False
+) -> dict[str, Any] | None:
+    c = run.config
+    if not run.before and not c.eval_at_start:
+        run.before = {"summary": None, "per_sample": {}}  # no "before": the summary has no paired change
     if not run.before:
-        before = evaluate_run(run)
+        try:
+            before = evaluate_run(run, "before training")
+            save_sample_grid(run, "step-000000")
+        except stop.StopRequested as exc:
+            raise _stop_before_training(run, exc.signum, fresh) from None
         run.before = {
             "summary": before.summary(),
             "per_sample": {"reward": before.rewards.tolist(), **{k: v.tolist() for k, v in before.per_sample.items()}},
         }
-        save_sample_grid(run, "step-000000")
-    guard.on_start(run)
+    try:  # the guard's step-0 baseline (also with eval_at_start: false)
+        guard.on_start(run)
+    except stop.StopRequested as exc:
+        raise _stop_before_training(run, exc.signum, fresh) from None
     bar = tqdm(
         total=c.steps,
         initial=run.step,
@@ -221,9 +278,13 @@ def _loop(run: Run, start_time: float, stop_after: int | None, tqdm: Any) -> dic
             record = train_step(run)
             if c.eval_every and run.step % c.eval_every == 0:
                 kept: dict[str, Any] = {}
-                record["eval"] = periodic_eval(run, keep=kept)  # the held-out evaluation of `flowbp eval`
-                if run.guard is not None:
-                    record["guard"] = guard.on_eval(run, kept, save_run_checkpoint)
+                try:  # the held-out evaluation of `flowbp eval`, into history.json
+                    record["eval"] = periodic_eval(run, keep=kept)
+                except stop.StopRequested:
+                    pass  # a signal during it: the stop below checkpoints this (complete) step
+                else:
+                    if run.guard is not None:
+                        record["guard"] = guard.on_eval(run, kept, save_run_checkpoint)
             log_step(run, record)
             if guard.stopped(run):
                 break  # finish now: checkpoint, final evaluation, weights, summary saying why
@@ -246,15 +307,12 @@ def _loop(run: Run, start_time: float, stop_after: int | None, tqdm: Any) -> dic
                     exit_code=3,
                 )
             if any_rank(run.accelerator, run.stop_signal is not None) and run.step < c.steps:
-                path = save_run_checkpoint(run)
-                name = signal.Signals(run.stop_signal).name if run.stop_signal else "a signal on another rank"
-                raise TrainingStopped(
-                    f"stopped by {name} after step {run.step} of {c.steps}; checkpoint written to {path}; "
-                    f"resume with: flowbp train --resume {run.run_dir}",
-                    exit_code=128 + (run.stop_signal or signal.SIGTERM),
-                )
+                raise _stop_with_checkpoint(run)
             if c.sample_every and run.step % c.sample_every == 0 and run.step < c.steps:
-                save_sample_grid(run, f"step-{run.step:06d}")
+                try:
+                    save_sample_grid(run, f"step-{run.step:06d}")
+                except stop.StopRequested:
+                    raise _stop_with_checkpoint(run) from None
             if c.checkpoint_every and run.step % c.checkpoint_every == 0 and run.step < c.steps:
                 save_run_checkpoint(run)
             if stop_after is not None and run.step >= stop_after and run.step < c.steps:
@@ -274,8 +332,16 @@ def finish(run: Run, start_time: float) -> dict[str, Any]:
     c = run.config
     save_run_checkpoint(run)
     hooks.kill_point("final-eval", run.step)
-    after = evaluate_run(run)
-    before_rewards = torch.tensor(run.before["per_sample"]["reward"], dtype=torch.float64)
+    try:
+        after = evaluate_run(run, "after training")
+        save_sample_grid(run, "final")
+    except stop.StopRequested as exc:
+        raise TrainingStopped(
+            f"stopped by {signal.Signals(exc.signum).name} during the final evaluation (step {run.step} of "
+            f"{c.steps} is checkpointed); resume with: flowbp train --resume {run.run_dir} (it evaluates again "
+            "and finishes)",
+            exit_code=128 + exc.signum,
+        ) from None
     summary: dict[str, Any] = {
         "method": c.method,
         "backbone": c.backbone,
@@ -287,13 +353,15 @@ def finish(run: Run, start_time: float) -> dict[str, Any]:
         "eval_samples": len(after.prompts),
         "before": run.before["summary"],
         "after": after.summary(),
-        "reward_improvement": _paired(before_rewards, after.rewards),
+        "reward_improvement": None,  # eval_at_start: false has nothing to pair with
     }
     guard.on_finish(run, summary)
-    for key, values in after.per_sample.items():
-        prior = torch.tensor(run.before["per_sample"][key], dtype=torch.float64)
-        summary[f"{key}_change"] = _paired(prior, values)
-    save_sample_grid(run, "final")
+    if run.before["summary"] is not None:
+        before_rewards = torch.tensor(run.before["per_sample"]["reward"], dtype=torch.float64)
+        summary["reward_improvement"] = _paired(before_rewards, after.rewards)
+        for key, values in after.per_sample.items():
+            prior = torch.tensor(run.before["per_sample"][key], dtype=torch.float64)
+            summary[f"{key}_change"] = _paired(prior, values)
     save_weights(run)
     if run.is_main:
         steps = [h["step"] for h in run.history]

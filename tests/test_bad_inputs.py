@@ -260,7 +260,7 @@ def _lora_empty_dir(t: Path) -> list[str]:
 OTHER_CASES = {
     "sample: LoRA folder without weights": (_lora_empty_dir, "--lora: ", "holds no .safetensors weights"),
     "sample: LoRA file not safetensors": (_lora_junk, "--lora: ", "cannot load"),
-    "sample: zero samples": (lambda t: ["--samples", "0"], "--samples: must be >= 1, got 0", ""),
+    "sample: zero samples": (lambda t: ["--images-per-prompt", "0"], "--images-per-prompt: must be >= 1, got 0", ""),
     "sample: bad integer": (lambda t: ["--steps", "ten"], "argument --steps: invalid int value: 'ten'", ""),
     "plan: zero steps": (None, "--steps: must be >= 1, got 0", ""),
     "unknown command": (None, "invalid choice: 'trian'", ""),

@@ -341,7 +341,7 @@ def test_eval_of_a_real_backbone_with_a_real_reward(tiny_sd3_dir, tmp_path: Path
     clip_dir = clip_folder(tmp_path / "clip")
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red car\na bowl of fruit\n")
-    common = ["--backbone", "sd3", "--model", str(tiny_sd3_dir), "--resolution", "32", "--steps", "2",
+    common = ["--backbone", "sd3", "--backbone-path", str(tiny_sd3_dir), "--resolution", "32", "--steps", "2",
               "--metrics", "pickscore", "--reward-path", f"pickscore={clip_dir}", "--no-progress"]
     out = tmp_path / "run"
     assert _eval(*common, "--prompts", str(prompts), "--images-per-prompt", "2", "--out", str(out)) == 0
@@ -358,10 +358,10 @@ def test_eval_of_a_real_backbone_with_a_real_reward(tiny_sd3_dir, tmp_path: Path
     a = np.asarray(Image.open(one / "images" / "p0000_s1.png"), dtype=int)
     b = np.asarray(Image.open(out / "images" / "p0001_s1.png"), dtype=int)
     assert np.abs(a - b).max() <= 1
-    # a missing pipeline folder is one line naming --model, and nothing is written
+    # a missing pipeline folder is one line naming --backbone-path, and nothing is written
     capsys.readouterr()
-    bad = [*common, "--prompts", str(prompts), "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]
+    bad = [*common, "--prompts", str(prompts), "--backbone-path", str(tmp_path / "nope"), "--out", str(tmp_path / "x")]
     assert _eval(*bad) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("flowbp eval: error: --model:") and len(err.splitlines()) == 1, err
+    assert err.startswith("flowbp eval: error: --backbone-path:") and len(err.splitlines()) == 1, err
     assert not (tmp_path / "x").exists()

@@ -49,11 +49,12 @@ def test_train_writes_every_output(tmp_path: Path) -> None:
     history = json.loads((out / "history.json").read_text())
     assert [h["step"] for h in history] == [1, 2, 3, 4]
     # the saved LoRA loads back through `flowbp sample` and changes the samples
-    base, tuned = tmp_path / "base.png", tmp_path / "tuned.png"
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
     common = ["sample", "--samples", "2", "--steps", "6", "--prompt", "digit 4"]
     assert main([*common, "--out", str(base)]) == 0
     assert main([*common, "--out", str(tuned), "--lora", str(out / "lora")]) == 0
-    assert Image.open(base).tobytes() != Image.open(tuned).tobytes()
+    first = Path("images") / "p0000_s0.png"
+    assert Image.open(base / first).tobytes() != Image.open(tuned / first).tobytes()
     # flowbp-lagrange: start + one interior support per segment (fewer when a segment is one step long)
     assert all(2 <= h["grad_forwards"] <= 4 for h in history)
 

@@ -22,6 +22,8 @@ from typing import Any
 
 
 def _print_summary(metrics: dict[str, dict[str, Any]], n_prompts: int) -> None:
+    from flowbp.report import fmt, fmt_ci
+
     width = max(len("metric"), *(len(m) for m in metrics))
     print(f"{'metric':<{width}}  {'mean':>10}  95% CI over {n_prompts} prompts")
     for name, s in metrics.items():
@@ -29,22 +31,24 @@ def _print_summary(metrics: dict[str, dict[str, Any]], n_prompts: int) -> None:
         if s["mean"] is None:
             print(f"{name:<{width}}  {'missing':>10}{missing}")
             continue
-        print(f"{name:<{width}}  {s['mean']:>10.4f}  [{s['ci95_low']:.4f}, {s['ci95_high']:.4f}]{missing}")
+        print(f"{name:<{width}}  {fmt(s['mean']):>10}  {fmt_ci(s['ci95_low'], s['ci95_high'])}{missing}")
 
 
 def _print_comparison(comparison: dict[str, Any]) -> None:
+    from flowbp.report import fmt, fmt_ci
+
     metrics = comparison["metrics"]
     width = max(len("metric"), *(len(m) for m in metrics))
     print(f"A = {comparison['a']}\nB = {comparison['b']}\n{comparison['pairing']}")
-    print(f"{'metric':<{width}}  {'mean A':>10}  {'mean B':>10}  {'A - B':>10}  {'95% CI':<22}  significant")
+    print(f"{'metric':<{width}}  {'mean A':>10}  {'mean B':>10}  {'A - B':>10}  {'95% CI':<24}  significant")
     for name, c in metrics.items():
         if c["diff"] is None:  # no image scored on both sides (a judge without parsable answers)
             print(f"{name:<{width}}  {'missing':>10}")
             continue
-        ci = f"[{c['ci95_low']:+.4f}, {c['ci95_high']:+.4f}]"
+        ci = fmt_ci(c["ci95_low"], c["ci95_high"], signed=True)
         print(
-            f"{name:<{width}}  {c['mean_a']:>10.4f}  {c['mean_b']:>10.4f}  {c['diff']:>+10.4f}  {ci:<22}  "
-            f"{'yes' if c['significant'] else 'no'}"
+            f"{name:<{width}}  {fmt(c['mean_a']):>10}  {fmt(c['mean_b']):>10}  {fmt(c['diff'], True):>10}  "
+            f"{ci:<24}  {'yes' if c['significant'] else 'no'}"
         )
 
 
@@ -89,24 +93,9 @@ def _reward_paths(items: list[str] | None) -> dict[str, str]:
 
 def _load_backbone(args: argparse.Namespace, device: str):
     """The backbone as training builds it (resolution, weight dtype), errors naming eval's options."""
-    from types import SimpleNamespace
+    from flowbp.commands.options import load_backbone_for_cli
 
-    from flowbp.backbones import available_backbones, backbone_from_config
-
-    if args.backbone not in available_backbones():
-        raise ValueError(f"--backbone: unknown backbone {args.backbone!r}; known: {', '.join(available_backbones())}")
-    config = SimpleNamespace(
-        backbone=args.backbone, backbone_path=args.model, backbone_args={}, resolution=args.resolution,
-        dtype=args.dtype, finetune="lora", gradient_checkpointing=False, vae_gradient_checkpointing=False,
-    )
-    try:
-        return backbone_from_config(config, device)
-    except ValueError as exc:
-        message = str(exc)
-        for key, option in (("backbone_path:", "--model:"), ("resolution:", "--resolution:")):
-            if message.startswith(key):
-                message = option + message[len(key):]
-        raise ValueError(message) from None
+    return load_backbone_for_cli(args.backbone, args.backbone_path, device, args.resolution, args.dtype)
 
 
 #: What a plain ``flowbp eval`` uses when an option is not given (a suite sets its own).
@@ -182,8 +171,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("images_per_prompt", "steps", "batch_size"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
-    if args.images is not None and (args.model or args.lora):
-        raise ValueError("--model/--lora: only with --backbone (a folder of images is scored as it is)")
+    if args.images is not None and (args.backbone_path or args.lora):
+        raise ValueError("--backbone-path/--lora: only with --backbone (a folder of images is scored as it is)")
     prompts = [m["prompt"] for m in geneval_meta] if geneval_meta is not None else ev.read_prompts(args.prompts)
     if table_suite:
         from flowbp.suites import SUITES
@@ -226,14 +215,14 @@ def run(args: argparse.Namespace) -> int:
             {
                 "mode": "model",
                 "backbone": args.backbone,
-                "model": args.model,
-                "lora": args.lora,
+                "backbone_path": args.backbone_path or "the backbone's default",
+                "lora": args.lora or "none (base weights)",
                 "images_per_prompt": args.images_per_prompt,
                 "seed": args.seed,
                 "steps": args.steps,
-                "guidance": args.guidance,
-                "resolution": args.resolution,
-                "dtype": args.dtype,
+                "guidance": args.guidance,  # described once the backbone is loaded
+                "resolution": args.resolution or "the backbone's default",
+                "dtype": args.dtype or "auto",
             }
         )
     if baseline is not None:
@@ -267,9 +256,13 @@ def run(args: argparse.Namespace) -> int:
         geneval_scorer = load_scorer(args.geneval_detector, args.geneval_clip, device)
 
     if args.images is None:
+        from flowbp.commands.sample import load_lora_checked
+        from flowbp.evaluate import describe_guidance
+
         backbone = _load_backbone(args, device)
+        info["guidance"] = describe_guidance(backbone, args.guidance)
         if args.lora:
-            backbone.load_lora(args.lora)
+            load_lora_checked(backbone, args.lora)
         backbone.encode_prompts(prompts[:1] + prompts[-1:])  # fail early on prompts the backbone cannot encode
         image_set.images = ev.generate(
             backbone, prompts, image_set.keys, args.steps, args.guidance, args.batch_size, progress
@@ -370,9 +363,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Score every image with every metric; write scores.jsonl, summary.json (means, 95% CIs over "
         "prompts), images, contact_sheet.png and report.html. Or compare two runs: --compare RUN_A RUN_B.",
     )
-    p.add_argument("--backbone", help="sample this backbone (e.g. digits)")
-    p.add_argument("--model", help="the backbone's weights: directory or hub id (default: the backbone's own)")
-    p.add_argument("--lora", help="LoRA directory or file saved by `flowbp train` (RUN/lora)")
+    from flowbp.commands.options import add_model_options, add_render_options
+
+    add_model_options(p, backbone_help="sample this backbone (e.g. digits); or score a folder with --images")
     p.add_argument("--images", help="score this folder instead: p<prompt index>_s<seed>.png files or a manifest.jsonl")
     p.add_argument("--prompts", help="prompts file, one prompt per line (the prompt index is the line number from 0)")
     p.add_argument(
@@ -385,11 +378,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed of image 0 of every prompt (default 0)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 25)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the backbone's)")
-    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the backbone's)")
-    p.add_argument(
-        "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-        help="weight dtype of a real backbone (auto: float32 on CPU, bfloat16 on GPU)",
-    )
+    add_render_options(p)
     p.add_argument("--batch-size", type=int, default=16, help="images sampled and scored per batch (default 16)")
     p.add_argument("--reward-path", action="append", metavar="NAME=PATH", help="weights of a reward (repeatable)")
     p.add_argument(

@@ -15,6 +15,12 @@ def run(args: argparse.Namespace) -> int:
 
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun / accelerate launch, only rank 0 prints
     overrides = parse_overrides(args.set)
+    for key in ("backbone", "backbone_path"):  # --backbone / --backbone-path: the flags of sample, eval and plan
+        value = getattr(args, key, None)
+        if value is not None:
+            if key in overrides and overrides[key] != value:
+                raise ValueError(f"--{key.replace('_', '-')}: {value!r} contradicts --set {key}={overrides[key]!r}")
+            overrides[key] = value
     if args.output_dir is not None:
         overrides["output_dir"] = args.output_dir
     if args.dry_run:  # memory estimate of the full-size architecture on the meta device; nothing is written
@@ -41,23 +47,22 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError("--output-dir: required when launching several processes")
             config = load_config(args.config, {**overrides, "output_dir": str(default_run_dir(config))})
         run_dir = Path(config.output_dir)
-        if main_process:
-            print(f"run directory: {run_dir}", flush=True)
-        from flowbp.train import train
-
-        summary = train(config)
+        summary = train(config)  # prints "run directory: …" once the folder exists
     if summary is not None and main_process:  # one report, from the main process
+        from flowbp.report import fmt, fmt_ci
+
         keys = ("reward", "heldout_accuracy", "frechet_distance", "diversity")
-        before, after = summary["before"], summary["after"]
+        before, after = summary["before"] or {}, summary["after"]
         print(f"\n{'metric':<20} {'before':>10} {'after':>10}")
         for key in keys:
             if key in after:
-                print(f"{key:<20} {before[key]:>10.4f} {after[key]:>10.4f}")
+                print(f"{key:<20} {fmt(before.get(key)) if before else '—':>10} {fmt(after[key]):>10}")
         imp = summary["reward_improvement"]
-        print(
-            f"reward improvement: {imp['mean']:+.4f}  95% CI [{imp['ci95_low']:+.4f}, {imp['ci95_high']:+.4f}]"
-            f"  (n={imp['n']})"
-        )
+        if imp is None:
+            print("reward improvement: not measured (eval_at_start: false)")
+        else:
+            ci = fmt_ci(imp["ci95_low"], imp["ci95_high"], signed=True)
+            print(f"reward improvement: {fmt(imp['mean'], True)}  95% CI {ci}  (n={imp['n']})")
         print(f"sample grids: {run_dir / 'samples'}/   summary: {run_dir / 'summary.json'}")
         if "guard" in summary:  # what the reward-hacking guard did (docs/guard.md)
             good = summary["guard"]["last_good_checkpoint"]
@@ -98,6 +103,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--config", help="YAML config file or shipped preset name (default: built-in defaults)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (YAML value)")
+    p.add_argument("--backbone", metavar="NAME", help="the backbone to train (= --set backbone=NAME)")
+    p.add_argument("--backbone-path", metavar="PATH", help="its base weights (= --set backbone_path=PATH)")
     p.add_argument("--output-dir", help="run directory (must not exist or be empty)")
     p.add_argument(
         "--resume",

@@ -221,6 +221,7 @@ def preset(prefix: str, method: str) -> tuple[dict[str, Any], str]:
         "gradient_checkpointing": True,
         "eval_every": 50,  # the paper evaluates on the 400 HPDv2 test prompts every 50 steps
         "eval_samples_per_prompt": 1,
+        "eval_max_prompts": 400,  # the paper's protocol: all 400 HPDv2 test prompts × 1 image
         "eval_seed": 42,
         "eval_batch_size": 8,
         "sample_every": 50,

@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError
 
 from flowbp.config import TrainConfig
-from flowbp.evaluate import read_prompts
+from flowbp.evaluate import eval_size, read_prompts
 
 
 def training_prompts(config: TrainConfig, backbone: Any) -> list[str]:
@@ -32,7 +32,7 @@ def eval_prompt_set(config: TrainConfig, backbone: Any) -> list[str]:
         prompts = read_prompts(config.eval_prompts_file, "eval_prompts_file")
     else:
         prompts = list(backbone.default_prompts())
-    return prompts[: config.eval_max_prompts]
+    return prompts[: eval_size(config)[0]]  # the config's eval_max_prompts, else the backbone's default
 
 
 def build_backbone(config: TrainConfig, device: torch.device) -> Any:
