@@ -131,6 +131,23 @@ def quantize_frozen(model: nn.Module, mode: str) -> int:
     return len(layers)
 
 
+def add_lora_on_quantized_base(backbone: Any, config: Any) -> int:
+    """Quantize the frozen transformer as ``config.base_quantization`` says, then attach the LoRA.
+
+    Returns the number of quantized layers. The LoRA itself is unchanged: fp32, trained and saved as on
+    a full-precision base (its diffusers file loads on the unquantized pipeline).
+    """
+    import warnings
+
+    backbone.transformer.requires_grad_(False)
+    count = quantize_frozen(backbone.transformer, config.base_quantization)
+    with warnings.catch_warnings():
+        # peft: "TorchaoLoraLinear ... merge() / unmerge() will raise": flowbp never merges into a quantized base
+        warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated")
+        backbone.add_lora(config.lora_rank, config.lora_alpha, config.lora_targets)
+    return count
+
+
 def make_adamw(parameters: list[torch.nn.Parameter], optimizer: str, **kwargs: Any) -> torch.optim.Optimizer:
     """AdamW with fp32 (``adamw``) or blockwise 8-bit (``adamw8bit``, torchao) moments."""
     if optimizer == "adamw8bit":
