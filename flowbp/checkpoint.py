@@ -32,6 +32,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from flowbp._testing_hooks import kill_point
+
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
 STATE = "state.json"
@@ -42,23 +44,6 @@ _TRASH_PREFIX = ".old-"
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and what is wrong with it."""
-
-
-# ----------------------------------------------------------------------------- kill points (tests)
-def kill_point(name: str, step: int | None = None) -> None:
-    """Test hook: ``FLOWBP_TEST_KILL=name[@step]`` SIGKILLs this process when it reaches ``name``.
-
-    Lets the crash-safety tests kill a real run at a precise moment (mid-step, mid-checkpoint-write,
-    between the final files, …) without timing races. A no-op unless the variable is set.
-    """
-    spec = os.environ.get("FLOWBP_TEST_KILL")
-    if not spec:
-        return
-    point, _, at = spec.partition("@")
-    if point == name and (not at or step is None or int(at) == step):
-        import signal
-
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------------- hashing and fsync

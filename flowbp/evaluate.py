@@ -596,7 +596,7 @@ def periodic_eval(run) -> dict[str, dict[str, float]]:
     and returns ``{metric: {mean, ci95_low, ci95_high, n_prompts}}`` for history.json. Every process
     samples (a DDP forward may synchronise buffers); only the main process writes.
     """
-    from flowbp.train import ema_weights
+    from flowbp.training.weights import ema_weights
 
     c, backbone = run.config, run.backbone
     # the run's evaluation set: eval_prompts_file, else the backbone's (digits prompts; the 400 HPDv2 test
