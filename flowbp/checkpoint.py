@@ -82,12 +82,24 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 # ----------------------------------------------------------------------------- optimizer flattening
+#: Optimizer-state tensor subclasses a checkpoint may rebuild (by name, from their plain parts: never
+#: unpickled). torchao's 8-bit AdamW keeps its moments as OptimState8bit (uint8 codes + block scales).
+_STATE_SUBCLASSES = {"OptimState8bit": "torchao.optim.subclass_8bit"}
+_SUBCLASS_KEY = "__subclasses__"
+
+
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for pid, entries in state["state"].items():
         for key, value in entries.items():
-            if isinstance(value, torch.Tensor):
+            if type(value).__name__ in _STATE_SUBCLASSES:  # stored as its plain tensors + attributes
+                names, attrs = value.__tensor_flatten__()
+                for name in names:
+                    tensors[f"{pid}.{key}.{name}"] = getattr(value, name).detach().cpu().contiguous()
+                sub = scalars.setdefault(str(pid), {}).setdefault(_SUBCLASS_KEY, {})
+                sub[key] = {"class": type(value).__name__, "names": list(names), "attrs": list(attrs)}
+            elif isinstance(value, torch.Tensor):
                 tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(pid), {})[key] = value
@@ -95,12 +107,22 @@ def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], 
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    import importlib
+
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         pid, key = name.split(".", 1)
         state.setdefault(int(pid), {})[key] = value
     for pid, entries in meta["scalars"].items():
-        state.setdefault(int(pid), {}).update(entries)
+        entries = dict(entries)
+        slot = state.setdefault(int(pid), {})
+        for key, spec in entries.pop(_SUBCLASS_KEY, {}).items():
+            if spec["class"] not in _STATE_SUBCLASSES:
+                raise CheckpointError(f"optimizer state {pid}.{key}: unknown tensor type {spec['class']!r}")
+            cls = getattr(importlib.import_module(_STATE_SUBCLASSES[spec["class"]]), spec["class"])
+            parts = {n: slot.pop(f"{key}.{n}") for n in spec["names"]}
+            slot[key] = cls.__tensor_unflatten__(parts, spec["attrs"], None, None)
+        slot.update(entries)
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
