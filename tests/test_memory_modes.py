@@ -202,3 +202,32 @@ def test_adamw8bit_state_survives_a_checkpoint(tmp_path: Path) -> None:
         param.grad = grads[2].clone()
         o.step()
     assert torch.equal(p, q)
+
+
+def test_full_finetune_with_adamw8bit_trains_checkpoints_and_resumes(tmp_path: Path) -> None:
+    """The digits testbed, full fine-tuning with 8-bit moments and a schedule: checkpoints are written
+    (tensor learning rate and 8-bit states included) and one loads back into a resumed run."""
+    from flowbp.checkpoint import list_checkpoints
+    from flowbp.train import train
+
+    sets = {"steps": 2, "batch_size": 4, "num_inference_steps": 5, "eval_samples_per_prompt": 2, "sample_every": 0,
+            "checkpoint_every": 1, "checkpoint_keep_last": 0, "progress": False, "finetune": "full",
+            "optimizer": "adamw8bit", "lr_scheduler": "cosine", "learning_rate": 1e-4,
+            "output_dir": str(tmp_path / "r")}
+    train(load_config(None, sets))
+    first = list_checkpoints(tmp_path / "r")[0]
+    assert len(list_checkpoints(tmp_path / "r")) == 2
+    import json
+
+    opt = json.loads((first / "state.json").read_text())["optimizer"]
+    assert "lr" in opt["tensor_group_keys"]
+    assert {s["class"] for e in opt["scalars"].values() for s in e.get("__subclasses__", {}).values()} == {
+        "OptimState8bit"
+    }
+    # a second run resumed from the first checkpoint (the later one removed) ends at step 2 again
+    import shutil
+
+    shutil.rmtree(list_checkpoints(tmp_path / "r")[1])
+    (tmp_path / "r" / "summary.json").unlink()  # as if stopped after step 1
+    train(resume=str(tmp_path / "r"))
+    assert len(list_checkpoints(tmp_path / "r")) == 2
