@@ -244,7 +244,8 @@ def validate_against_components(config: TrainConfig) -> None:
         raise ValueError(f"reward: {exc}") from exc
     if config.reward_paths:
         try:
-            parse_reward_spec(dict.fromkeys(config.reward_paths, 1.0))
+            for name in config.reward_paths:  # a judge's weights (evaluation only) may be listed too
+                parse_reward_spec(name, allow_judges=True)
         except ValueError as exc:
             raise ValueError(f"reward_paths: {exc}") from exc
     if config.eval_metrics is not None:

@@ -32,7 +32,9 @@ from torch import nn
 # The LoRA targets are the adapters' own defaults, so the estimate trains exactly what training would.
 from flowbp.backbones.flux1 import FLUX1_LORA_TARGETS
 from flowbp.backbones.flux2_klein import KLEIN_LORA_TARGETS
+from flowbp.backbones.qwen_image import QWEN_IMAGE_LORA_TARGETS
 from flowbp.backbones.sd3 import SD3_LORA_TARGETS
+from flowbp.backbones.z_image import Z_IMAGE_LORA_TARGETS
 from flowbp.memory import saved_tensor_bytes, storage_key
 
 GiB = 1024**3
@@ -69,6 +71,8 @@ class Architecture:
     #: negative branch runs as its own no-grad call in the adapters, as in the paper's trainers)
     real_cfg: bool
     vae_factor: int = 8
+    #: the VAE decodes video-shaped latents (B, C, 1, H, W) (Qwen-Image's causal 3-D VAE)
+    vae_frames: bool = False
 
 
 def _sd3_inputs(batch: int, res: int, text_len: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
@@ -104,6 +108,44 @@ def _klein_inputs(batch: int, res: int, text_len: int, dtype: torch.dtype, devic
         "txt_ids": torch.empty(batch, text_len, 4, dtype=torch.int64, device=device),
     }
 
+
+def _flux2_inputs(joint_dim: int, guidance: bool) -> Callable[..., dict[str, Any]]:
+    """FLUX.2 inputs (Klein-4B: joint 7680, no guidance; FLUX.2-dev: joint 15360 and the guidance embedding)."""
+
+    def make(batch: int, res: int, text_len: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+        inputs = _klein_inputs(batch, res, text_len, dtype, device)
+        inputs["encoder_hidden_states"] = torch.empty(batch, text_len, joint_dim, dtype=dtype, device=device)
+        if guidance:
+            inputs["guidance"] = torch.empty(batch, dtype=torch.float32, device=device)
+        return inputs
+
+    return make
+
+
+def _qwen_image_inputs(batch: int, res: int, text_len: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    side = res // 16  # packed 2×2 latents: (B, (H/16)(W/16), 64)
+    return {
+        "hidden_states": torch.empty(batch, side * side, 64, dtype=dtype, device=device),
+        "encoder_hidden_states": torch.empty(batch, text_len, 3584, dtype=dtype, device=device),
+        "timestep": torch.empty(batch, dtype=dtype, device=device),
+        "img_shapes": [[(1, side, side)]] * batch,
+    }
+
+
+def _z_image_inputs(batch: int, res: int, text_len: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+    side = res // 8  # a list of (16, 1, H/8, W/8) latent frames and a list of (L, 2560) caption features
+    return {
+        "x": [torch.empty(16, 1, side, side, dtype=dtype, device=device) for _ in range(batch)],
+        "t": torch.empty(batch, dtype=dtype, device=device),
+        "cap_feats": [torch.empty(text_len, 2560, dtype=dtype, device=device) for _ in range(batch)],
+    }
+
+
+_KLEIN_COMMON = {
+    "patch_size": 1, "in_channels": 128, "out_channels": None, "attention_head_dim": 128,
+    "timestep_guidance_channels": 256, "mlp_ratio": 3.0, "axes_dims_rope": (32, 32, 32, 32), "rope_theta": 2000,
+    "eps": 1e-6,
+}
 
 ARCHITECTURES: dict[str, Architecture] = {
     "sd3": Architecture(
@@ -159,6 +201,99 @@ ARCHITECTURES: dict[str, Architecture] = {
         make_inputs=_klein_inputs,
         real_cfg=True,
     ),
+    # ------------------------------------------------ issue 17 (shared/reference/backbones_next.md §1–§2)
+    "qwen-image": Architecture(
+        backbone="qwen-image",
+        title="Qwen-Image",
+        transformer_class="QwenImageTransformer2DModel",
+        transformer_config={
+            "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 60, "attention_head_dim": 128,
+            "num_attention_heads": 24, "joint_attention_dim": 3584, "guidance_embeds": False,
+            "axes_dims_rope": (16, 56, 56),
+        },
+        vae_class="AutoencoderKLQwenImage",
+        vae_config={},  # the class defaults are Qwen-Image's VAE (z_dim 16, base_dim 96, dims ×1 2 4 4)
+        vae_latent_channels=16,
+        text_len=512,  # an upper bound: prompts are not padded, max_sequence_length caps them
+        lora_targets=QWEN_IMAGE_LORA_TARGETS,
+        make_inputs=_qwen_image_inputs,
+        real_cfg=True,
+        vae_frames=True,
+    ),
+    "z-image": Architecture(
+        backbone="z-image",
+        title="Z-Image",
+        transformer_class="ZImageTransformer2DModel",
+        transformer_config={
+            "all_patch_size": (2,), "all_f_patch_size": (1,), "in_channels": 16, "dim": 3840, "n_layers": 30,
+            "n_refiner_layers": 2, "n_heads": 30, "n_kv_heads": 30, "qk_norm": True, "cap_feat_dim": 2560,
+            "rope_theta": 256.0, "t_scale": 1000.0, "axes_dims": [32, 48, 48], "axes_lens": [1536, 512, 512],
+        },
+        vae_class="AutoencoderKL",
+        vae_config=_vae_kl_config(16, 0.3611, 0.1159),
+        vae_latent_channels=16,
+        text_len=512,  # an upper bound: prompts are not padded, max_sequence_length caps them
+        lora_targets=Z_IMAGE_LORA_TARGETS,
+        make_inputs=_z_image_inputs,
+        real_cfg=True,
+    ),
+    "flux2": Architecture(
+        backbone="flux2",
+        title="FLUX.2-dev",
+        transformer_class="Flux2Transformer2DModel",
+        transformer_config={
+            **_KLEIN_COMMON, "num_layers": 8, "num_single_layers": 48, "num_attention_heads": 48,
+            "joint_attention_dim": 15360, "guidance_embeds": True,
+        },
+        vae_class="AutoencoderKLFlux2",
+        vae_config={"latent_channels": 32},
+        vae_latent_channels=32,
+        text_len=512,
+        lora_targets=KLEIN_LORA_TARGETS,
+        make_inputs=_flux2_inputs(15360, guidance=True),
+        real_cfg=False,  # guidance-distilled: no negative branch
+    ),
+    # variants of the sd3 / flux2-klein backbones, chosen by backbone_path (VARIANTS below)
+    "sd3-large": Architecture(
+        backbone="sd3",
+        title="SD3.5-Large",
+        transformer_class="SD3Transformer2DModel",
+        transformer_config={
+            "sample_size": 128, "patch_size": 2, "in_channels": 16, "num_layers": 38, "attention_head_dim": 64,
+            "num_attention_heads": 38, "joint_attention_dim": 4096, "caption_projection_dim": 2432,
+            "pooled_projection_dim": 2048, "out_channels": 16, "pos_embed_max_size": 192, "qk_norm": "rms_norm",
+        },
+        vae_class="AutoencoderKL",
+        vae_config=_vae_kl_config(16, 1.5305, 0.0609),
+        vae_latent_channels=16,
+        text_len=77 + 512,
+        lora_targets=SD3_LORA_TARGETS,
+        make_inputs=_sd3_inputs,
+        real_cfg=True,
+    ),
+    "flux2-klein-4b": Architecture(
+        backbone="flux2-klein",
+        title="FLUX.2-Klein-base-4B",
+        transformer_class="Flux2Transformer2DModel",
+        transformer_config={
+            **_KLEIN_COMMON, "num_layers": 5, "num_single_layers": 20, "num_attention_heads": 24,
+            "joint_attention_dim": 7680, "guidance_embeds": False,
+        },
+        vae_class="AutoencoderKLFlux2",
+        vae_config={"latent_channels": 32},
+        vae_latent_channels=32,
+        text_len=512,
+        lora_targets=KLEIN_LORA_TARGETS,
+        make_inputs=_flux2_inputs(7680, guidance=False),
+        real_cfg=True,
+    ),
+}
+#: backbone_path -> architecture, for a backbone whose folders come in several sizes (default: the
+#: architecture named like the backbone)
+VARIANTS: dict[str, str] = {
+    "stabilityai/stable-diffusion-3.5-large": "sd3-large",
+    "black-forest-labs/FLUX.2-klein-base-4B": "flux2-klein-4b",
+    "black-forest-labs/FLUX.2-klein-4B": "flux2-klein-4b",
 }
 
 
@@ -218,7 +353,7 @@ def build_meta(cls_name: str, config: dict[str, Any], dtype: torch.dtype) -> nn.
 def _blocks(model: nn.Module) -> list[nn.Module]:
     """The blocks diffusers checkpoints under ``enable_gradient_checkpointing``."""
     out: list[nn.Module] = []
-    for name in ("transformer_blocks", "single_transformer_blocks"):
+    for name in ("transformer_blocks", "single_transformer_blocks", "noise_refiner", "context_refiner", "layers"):
         blocks = getattr(model, name, None)
         if isinstance(blocks, nn.ModuleList):
             out.extend(blocks)
@@ -475,7 +610,8 @@ def estimate(
         autoencoder = vae if vae is not None else build_meta(arch.vae_class, arch.vae_config, dtype)
         autoencoder.requires_grad_(False)
         side = resolution // arch.vae_factor
-        latents = torch.empty(batch_size, arch.vae_latent_channels, side, side, dtype=dtype, device=device)
+        frames = (1,) if arch.vae_frames else ()
+        latents = torch.empty(batch_size, arch.vae_latent_channels, *frames, side, side, dtype=dtype, device=device)
         decode = decode_saved_bytes(autoencoder, latents, vae_gradient_checkpointing)
     forwards, reward_inputs, ckpt_plan = plan_cost(method, method_args or {}, num_steps)
     elem = _BYTES[dtype]
@@ -530,7 +666,7 @@ def estimate_config(config: Any, processes: int | None = None) -> Estimate:
     line is then estimated for the paper's 8-process layout, with that layout's micro-batch.
     """
     if config.backbone not in ARCHITECTURES:
-        known = ", ".join(sorted(ARCHITECTURES))
+        known = ", ".join(sorted(a for a in ARCHITECTURES if a not in VARIANTS.values()))
         raise ValueError(f"backbone: --dry-run covers the full-size architectures ({known}), got {config.backbone!r}")
     given = processes is not None
     processes = processes if given else 1
@@ -542,7 +678,8 @@ def estimate_config(config: Any, processes: int | None = None) -> Estimate:
 
     def one(micro: int) -> Estimate:
         return estimate(
-            ARCHITECTURES[config.backbone], config.method, config.method_args,
+            ARCHITECTURES[VARIANTS.get(str(config.backbone_path), config.backbone)], config.method,
+            config.method_args,
             resolution=config.resolution or 512, batch_size=micro, num_steps=config.num_inference_steps,
             finetune=config.finetune, lora_rank=config.lora_rank, dtype=compute, guidance_scale=config.guidance_scale,
             detach_negative=config.detach_negative, gradient_checkpointing=config.gradient_checkpointing,

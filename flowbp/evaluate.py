@@ -151,9 +151,9 @@ EVAL_METRICS: dict[str, Callable[[torch.Tensor, Sequence[str]], torch.Tensor]] =
 
 
 def available_metrics() -> list[str]:
-    from flowbp.rewards import available_rewards
+    from flowbp.rewards import available_judges, available_rewards
 
-    return sorted(set(available_rewards()) | set(EVAL_METRICS))
+    return sorted(set(available_rewards()) | set(available_judges()) | set(EVAL_METRICS))
 
 
 def parse_metrics(spec: str | Sequence[str]) -> list[str]:
@@ -168,7 +168,7 @@ def parse_metrics(spec: str | Sequence[str]) -> list[str]:
         if item in EVAL_METRICS:
             continue
         try:
-            parse_reward_spec(item)
+            parse_reward_spec(item, allow_judges=True)  # judges (unifiedreward-*) are evaluation metrics
         except ValueError as exc:
             # a plain unknown name needs only the list of names; a malformed sum also the parser's reason
             reason = "" if str(exc).startswith("unknown reward") else f" ({exc})"
@@ -180,16 +180,26 @@ def parse_metrics(spec: str | Sequence[str]) -> list[str]:
     return items
 
 
-def load_metric(spec: str, reward_paths: Mapping[str, str] | None = None, device: str | torch.device = "cpu"):
+def load_metric(
+    spec: str,
+    reward_paths: Mapping[str, str] | None = None,
+    device: str | torch.device = "cpu",
+    judge_options: Mapping[str, Any] | None = None,
+):
     """The scorer of one metric spec: a held-out metric, or the reward ``spec`` (weights from ``reward_paths``).
 
     ``reward_paths`` maps reward names to weight locations (``path=`` of their constructors).
+    ``judge_options`` go to a judge's constructor only (``url``, ``model``, ``timeout``, ...; see
+    :mod:`flowbp.rewards.unifiedreward`); building a judge checks its server or folder.
     """
-    from flowbp.rewards import load_reward
+    from flowbp.rewards import JUDGES, load_reward
 
     if spec in EVAL_METRICS:
         return EVAL_METRICS[spec]
-    reward = load_reward(spec, paths=dict(reward_paths or {}))
+    extra: dict[str, Any] = {}
+    if spec in JUDGES:
+        extra = {"device": device, **{k: v for k, v in (judge_options or {}).items() if v is not None}}
+    reward = load_reward(spec, paths=dict(reward_paths or {}), **extra)
     return reward.to(device).eval().requires_grad_(False)
 
 
@@ -286,8 +296,13 @@ def score(
     batch_size: int = 16,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    answers: dict[str, list[str | None]] | None = None,
 ) -> dict[str, list[float]]:
-    """Every metric on every uint8 image (as k/255; batches of one size), as Python floats in image order."""
+    """Every metric on every uint8 image (as k/255; batches of one size), as Python floats in image order.
+
+    A judge (a metric with ``last_answers``, e.g. ``unifiedreward-align``) may return NaN: no parsable score
+    (:func:`is_missing`). Its raw answer text per image goes to ``answers[name]`` when a dict is passed.
+    """
     from tqdm.auto import tqdm
 
     batches: list[list[int]] = []
@@ -308,18 +323,38 @@ def score(
                 raise ValueError(f"metric {name!r} returned {s.numel()} scores for {len(idx)} images")
             for k, v in zip(idx, s.tolist(), strict=True):
                 values[name][k] = v
+            texts = getattr(fn, "last_answers", None)
+            if answers is not None and texts is not None:
+                kept = answers.setdefault(name, [None] * len(images))
+                for k, text in zip(idx, texts, strict=True):
+                    kept[k] = text
             bar.update(len(idx))
     bar.close()
     return values
 
 
-def records_of(image_set: ImageSet, scores: Mapping[str, Sequence[float]]) -> list[dict[str, Any]]:
-    """One JSON record per image: prompt index, prompt, seed, image path (relative to the run), scores."""
+def is_missing(value: float | None) -> bool:
+    """A score that does not exist: ``None`` (``null`` in scores.jsonl) or NaN (a judge without a parsable answer)."""
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def records_of(
+    image_set: ImageSet,
+    scores: Mapping[str, Sequence[float]],
+    answers: Mapping[str, Sequence[str | None]] | None = None,
+) -> list[dict[str, Any]]:
+    """One JSON record per image: prompt index, prompt, seed, image path (relative to the run), scores.
+
+    A missing score is ``None`` (JSON ``null``, never NaN or a stand-in number); a judge's raw answers go to
+    ``"answers": {metric: text}`` so a missing score can be read back.
+    """
     records = []
     for k, (i, s) in enumerate(image_set.keys):
         rec: dict[str, Any] = {"prompt_index": i, "prompt": image_set.prompts[i], "seed": s}
         rec["image"] = f"{IMAGES_DIR}/{image_name(i, s)}"
-        rec["scores"] = {name: values[k] for name, values in scores.items()}
+        rec["scores"] = {name: None if is_missing(values[k]) else values[k] for name, values in scores.items()}
+        if answers:
+            rec["answers"] = {name: texts[k] for name, texts in answers.items()}
         records.append(rec)
     return records
 
@@ -330,21 +365,21 @@ def summarize(records: Sequence[Mapping[str, Any]], metrics: Sequence[str]) -> d
     The images of one prompt are not independent draws of the evaluation (they share the prompt), so the
     scores are first averaged within each prompt (:func:`flowbp.stats.group_means`) and the interval is
     taken over the per-prompt means, with n_prompts − 1 degrees of freedom.
+
+    Missing scores (a judge's unparsable answers) are left out and counted in ``n_missing``; a prompt whose
+    images are all missing drops out of the interval. A metric with no score at all has ``mean`` None.
     """
-    groups = [r["prompt_index"] for r in records]
     out = {}
     for name in metrics:
-        per_prompt = group_means([r["scores"][name] for r in records], groups)
-        ci = mean_ci(per_prompt)
-        out[name] = {
-            "mean": ci["mean"],
-            "ci95_low": ci["ci95_low"],
-            "ci95_high": ci["ci95_high"],
-            "half": ci["half"],
-            "std_over_prompts": ci["std"],
-            "n_prompts": ci["n"],
-            "n_images": len(records),
-        }
+        present = [r for r in records if not is_missing(r["scores"][name])]
+        entry: dict[str, Any] = {"mean": None, "ci95_low": None, "ci95_high": None, "half": None,
+                                 "std_over_prompts": None, "n_prompts": 0}
+        if present:
+            per_prompt = group_means([r["scores"][name] for r in present], [r["prompt_index"] for r in present])
+            ci = mean_ci(per_prompt)
+            entry = {"mean": ci["mean"], "ci95_low": ci["ci95_low"], "ci95_high": ci["ci95_high"],
+                     "half": ci["half"], "std_over_prompts": ci["std"], "n_prompts": ci["n"]}
+        out[name] = {**entry, "n_images": len(present), "n_missing": len(records) - len(present)}
     return out
 
 
@@ -404,11 +439,18 @@ def compare(
             f"{field_name}: the runs share no metric (A: {', '.join(a[0]['scores'])}; B: {', '.join(b[0]['scores'])})"
         )
     by_key = {(r["prompt_index"], r["seed"]): r for r in b}
-    groups = [r["prompt_index"] for r in a]
     out = {}
     for m in common:
-        va = group_means([r["scores"][m] for r in a], groups)
-        vb = group_means([by_key[(r["prompt_index"], r["seed"])]["scores"][m] for r in a], groups)
+        # an image missing on either side (a judge without a parsable answer) leaves the pairing
+        pairs = [(r, by_key[(r["prompt_index"], r["seed"])]) for r in a]
+        pairs = [(x, y) for x, y in pairs if not is_missing(x["scores"][m]) and not is_missing(y["scores"][m])]
+        if not pairs:
+            out[m] = {"mean_a": None, "mean_b": None, "diff": None, "ci95_low": None, "ci95_high": None,
+                      "significant": False, "n_prompts": 0, "n_images": 0, "n_missing": len(a)}
+            continue
+        groups = [x["prompt_index"] for x, _ in pairs]
+        va = group_means([x["scores"][m] for x, _ in pairs], groups)
+        vb = group_means([y["scores"][m] for _, y in pairs], groups)
         diff = paired_difference(va, vb)
         out[m] = {
             "mean_a": float(va.mean()),
@@ -418,7 +460,8 @@ def compare(
             "ci95_high": diff["ci95_high"],
             "significant": diff["significant"],
             "n_prompts": diff["n"],
-            "n_images": len(a),
+            "n_images": len(pairs),
+            "n_missing": len(a) - len(pairs),
         }
     return out
 
@@ -505,11 +548,14 @@ def write_run(
     overwrite: bool = False,
     embed_images: bool = False,
     sheet_max: int = 64,
+    answers: Mapping[str, Sequence[str | None]] | None = None,
+    extra_files: Mapping[str, str] | None = None,
 ) -> EvalOutput:
     """Write the whole run atomically: a temporary sibling directory is renamed into place at the end.
 
     ``RUN/images/p<i>_s<seed>.png``, ``scores.jsonl``, ``summary.json``, ``comparison.json`` (with a
-    baseline), ``contact_sheet.png`` and ``report.html``.
+    baseline), ``contact_sheet.png`` and ``report.html``; ``answers`` are judges' raw texts per image (kept in
+    scores.jsonl) and ``extra_files`` maps further file names to their text (e.g. a suite's table).
     """
     import os
     import shutil
@@ -519,7 +565,7 @@ def write_run(
     from flowbp.report import contact_sheet, write_report
 
     out = Path(out)
-    records = records_of(image_set, scores)
+    records = records_of(image_set, scores, answers)
     summary = {
         **info,
         "n_prompts": len({i for i, _ in image_set.keys}),
@@ -550,6 +596,8 @@ def write_run(
         (tmp / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
         if comparison is not None:
             (tmp / COMPARISON_FILE).write_text(json.dumps(comparison, indent=2) + "\n")
+        for file_name, text in (extra_files or {}).items():
+            (tmp / file_name).write_text(text)
         contact_sheet(tmp, records, metrics, tmp / "contact_sheet.png", max_images=sheet_max)
         write_report(tmp, summary, records, metrics, comparison, embed_images=embed_images)
         if out.exists():
@@ -619,16 +667,20 @@ def periodic_eval(run) -> dict[str, dict[str, float]]:
     image_set = ImageSet(list(prompts), keys)
     with ema_weights(run):
         image_set.images = generate(backbone, prompts, keys, c.num_inference_steps, c.guidance_scale, batch_size)
-    scores = score(image_set.images, image_set.image_prompts(), scorers, batch_size, device)
-    records = records_of(image_set, scores)
+    answers: dict[str, list[str | None]] = {}
+    scores = score(image_set.images, image_set.image_prompts(), scorers, batch_size, device, answers=answers)
+    records = records_of(image_set, scores, answers)
     summary = summarize(records, specs)
     if run.accelerator.is_main_process:
         info = {"mode": "training", "run": str(run.run_dir), "step": run.step, "backbone": c.backbone,
                 "images_per_prompt": c.eval_samples_per_prompt, "seed": c.eval_seed,
                 "steps": c.num_inference_steps, "guidance": c.guidance_scale}
-        write_run(run.run_dir / "eval" / f"step-{run.step:06d}", image_set, specs, scores, info, overwrite=True)
+        step_dir = run.run_dir / "eval" / f"step-{run.step:06d}"
+        write_run(step_dir, image_set, specs, scores, info, overwrite=True, answers=answers)
         if run.writer is not None:
             for name, s in summary.items():
+                if s["mean"] is None:  # every score missing (a judge that never answered with a score)
+                    continue
                 run.writer.add_scalar(f"eval/{name}", s["mean"], run.step)
                 if math.isfinite(s["half"]):
                     run.writer.add_scalar(f"eval/{name}/ci95_low", s["ci95_low"], run.step)

@@ -38,6 +38,7 @@ from torch import nn
 from flowbp.dryrun import (
     _BYTES,
     ARCHITECTURES,
+    VARIANTS,
     Architecture,
     GiB,
     _blocks,
@@ -362,7 +363,8 @@ def profile_config(config: Any) -> Profile:
     from flowbp.rewards import parse_reward_spec
 
     return profile(
-        ARCHITECTURES[config.backbone], config.method, config.method_args, global_batch=config.batch_size,
+        ARCHITECTURES[VARIANTS.get(str(config.backbone_path), config.backbone)], config.method, config.method_args,
+        global_batch=config.batch_size,
         resolution=config.resolution or 512, num_steps=config.num_inference_steps, finetune=config.finetune,
         lora_rank=config.lora_rank, dtype=compute, guidance_scale=config.guidance_scale,
         detach_negative=config.detach_negative, rewards=tuple(parse_reward_spec(config.reward)),

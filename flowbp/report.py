@@ -17,7 +17,9 @@ from typing import Any
 CELL = 160  # contact-sheet image side in pixels
 
 
-def _fmt(value: float) -> str:
+def _fmt(value: float | None) -> str:
+    if value is None:  # a missing score (a judge's answer without a parsable score)
+        return "missing"
     if not math.isfinite(value):
         return str(value)
     return f"{value:.4g}" if abs(value) >= 1e-3 or value == 0 else f"{value:.3e}"
@@ -108,6 +110,17 @@ window.addEventListener('load', function () {
 """
 
 
+def _value(score: float | None) -> str:
+    # what the sorting script reads: a missing score sorts as NaN (parseFloat)
+    return "NaN" if score is None else repr(score)
+
+
+def _answer_title(rec: Mapping[str, Any], metric: str) -> str:
+    """A judge's raw answer as the cell's tooltip: the reader sees why a score is what it is (or missing)."""
+    text = (rec.get("answers") or {}).get(metric)
+    return f' title="{html.escape(text, quote=True)}"' if text else ""
+
+
 def _image_src(run_dir: Path, rel: str, embed: bool) -> str:
     if not embed:
         return html.escape(rel, quote=True)
@@ -117,12 +130,12 @@ def _image_src(run_dir: Path, rel: str, embed: bool) -> str:
 
 def _summary_table(summary: Mapping[str, Any]) -> list[str]:
     out = ['<table id="summary"><tr><th class="text">metric</th><th>mean</th><th>95% CI</th>'
-           "<th>prompts</th><th>images</th></tr>"]
+           "<th>prompts</th><th>images</th><th>missing</th></tr>"]
     for name, s in summary["metrics"].items():
         out.append(
             f'<tr><td class="text">{html.escape(name)}</td><td>{_fmt(s["mean"])}</td>'
             f"<td>[{_fmt(s['ci95_low'])}, {_fmt(s['ci95_high'])}]</td><td>{s['n_prompts']}</td>"
-            f"<td>{s['n_images']}</td></tr>"
+            f"<td>{s['n_images']}</td><td>{s.get('n_missing', 0)}</td></tr>"
         )
     out.append("</table>")
     return out
@@ -190,8 +203,8 @@ def write_report(
             f'<td data-value="{rec["seed"]}">{rec["seed"]}</td>',
         ]
         cells += [
-            f'<td data-metric="{html.escape(m, quote=True)}" data-value="{rec["scores"][m]!r}">'
-            f"{_fmt(rec['scores'][m])}</td>"
+            f'<td data-metric="{html.escape(m, quote=True)}" data-value="{_value(rec["scores"][m])}"'
+            f"{_answer_title(rec, m)}>{_fmt(rec['scores'][m])}</td>"
             for m in metrics
         ]
         parts.append(

@@ -83,3 +83,33 @@ def tiny_flux2_klein_dir(tmp_path_factory: pytest.TempPathFactory):
     directory = tmp_path_factory.mktemp("tiny-flux2-klein")
     build_tiny_flux2_klein(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_image_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random Qwen-Image pipeline saved once per test session."""
+    from tiny_pipelines import build_tiny_qwen_image
+
+    directory = tmp_path_factory.mktemp("tiny-qwen-image")
+    build_tiny_qwen_image(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_z_image_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random Z-Image pipeline saved once per test session."""
+    from tiny_pipelines import build_tiny_z_image
+
+    directory = tmp_path_factory.mktemp("tiny-z-image")
+    build_tiny_z_image(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2_dir(tmp_path_factory: pytest.TempPathFactory):
+    """A tiny random FLUX.2-dev (guidance-distilled) pipeline saved once per test session."""
+    from tiny_pipelines import build_tiny_flux2
+
+    directory = tmp_path_factory.mktemp("tiny-flux2")
+    build_tiny_flux2(directory)
+    return directory

@@ -135,3 +135,33 @@ def test_dry_run_without_processes_says_one_process_and_shards_the_8_gpu_micro_b
     gib = eight.sharded_peak_bytes(8) / 1024**3
     assert f"per GPU, FSDP over 8 GPUs      {gib:.2f} GiB  (as with --processes 8: micro-batch 8 per process)" in text
     assert "no --processes" not in eight.report()
+
+
+# the transformers of issue 17 at full size: counts computed on meta from the published configs
+# (shared/reference/backbones_next.md §1) beside the published sizes ~20B, ~6B, ~32B, 8.1B, ~4B
+FULL_SIZE = {
+    "qwen-image": 20_430_401_088, "z-image": 6_154_908_736, "flux2": 32_223_281_152,
+    "sd3-large": 8_056_627_520, "flux2-klein-4b": 3_875_544_576,
+}
+
+
+@pytest.mark.parametrize("arch", list(FULL_SIZE))
+def test_new_full_size_architectures_have_the_published_size(arch: str) -> None:
+    spec = ARCHITECTURES[arch]
+    model = build_meta(spec.transformer_class, spec.transformer_config, torch.bfloat16)
+    assert sum(p.numel() for p in model.parameters()) == FULL_SIZE[arch]
+
+
+@pytest.mark.parametrize(
+    ("preset", "title", "arch"),
+    [("z-image-refl", "Z-Image (z-image)", "z-image"), ("sd35-large-refl", "SD3.5-Large (sd3)", "sd3-large"),
+     ("flux2-klein-4b-refl", "FLUX.2-Klein-base-4B (flux2-klein)", "flux2-klein-4b")],
+)
+def test_dry_run_cli_for_the_new_backbones(preset: str, title: str, arch: str, capsys) -> None:
+    """The variant is picked from backbone_path; the figures come from a real meta forward (128 px, batch 1)."""
+    args = ["train", "--config", preset, "--set", "batch_size=1", "--set", "finetune=lora", "--set", "resolution=128",
+            "--dry-run"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"{title} × refl" in out and f"{FULL_SIZE[arch]:,}" in out and "estimated peak" in out
+    assert float(out.split("saved by one grad forward")[1].split("GiB")[0]) > 0

@@ -90,11 +90,12 @@ def _autoencoder_kl(seed: int, scaling_factor: float = 1.5305, shift_factor: flo
     ).eval()
 
 
-def build_tiny_sd3(directory: str | Path, seed: int = 0):
+def build_tiny_sd3(directory: str | Path, seed: int = 0, dual_attention_layers: tuple[int, ...] = (0,)):
     """A tiny StableDiffusion3Pipeline (VAE factor 2, patch 2: resolution multiple of 4), saved to ``directory``.
 
     Returns the in-memory pipeline (float32, eval mode). The transformer has dual-attention and
-    qk-norm layers like SD3.5-M so the LoRA targets and the dual-attention path are exercised.
+    qk-norm layers like SD3.5-M so the LoRA targets and the dual-attention path are exercised;
+    ``dual_attention_layers=()`` gives SD3.5-Large's layout (qk-norm, no dual attention).
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
@@ -103,7 +104,7 @@ def build_tiny_sd3(directory: str | Path, seed: int = 0):
         sample_size=16, patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8,
         num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=32,
         pooled_projection_dim=64, out_channels=4, pos_embed_max_size=16,
-        dual_attention_layers=(0,), qk_norm="rms_norm",
+        dual_attention_layers=dual_attention_layers, qk_norm="rms_norm",
     ).eval()
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
@@ -206,3 +207,164 @@ def build_tiny_flux2_klein(directory: str | Path, seed: int = 0):
     )
     pipe.save_pretrained(str(directory))
     return pipe
+
+
+def _qwen_template_tokenizer():
+    """The byte-level Qwen2 tokenizer with the extra special tokens the VL / Qwen3 templates use."""
+    tok = tiny_qwen_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]})
+    return tok
+
+
+def build_tiny_qwen_image(directory: str | Path, seed: int = 0):
+    """A tiny QwenImagePipeline (VAE factor 4, 2×2 packing: resolution multiple of 8), saved to ``directory``.
+
+    Qwen2.5-VL text encoder (hidden 16; the pipeline reads its last hidden state after dropping the
+    34 template tokens), a 4-channel causal-3D Qwen-Image VAE whose ``latents_mean`` / ``latents_std``
+    are non-trivial so that the latent normalisation is exercised, and Qwen-Image's scheduler config
+    (exponential dynamic shift 0.5 → 0.9 over 256 … 8192 tokens, ``shift_terminal`` 0.02).
+    """
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    hidden = 16
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=hidden, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
+    ).eval()
+    tokenizer = _qwen_template_tokenizer()
+    torch.manual_seed(seed + 1)
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config={
+            "vocab_size": len(tokenizer), "hidden_size": hidden, "intermediate_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 2048,
+            "bos_token_id": None, "eos_token_id": None,
+            "rope_parameters": {"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 1000000.0},
+        },
+        vision_config={
+            "depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": hidden,
+            "patch_size": 2, "temporal_patch_size": 1, "spatial_merge_size": 1, "fullatt_block_indexes": [0],
+        },
+        image_token_id=len(tokenizer) - 1, video_token_id=len(tokenizer) - 1,
+        vision_start_token_id=len(tokenizer) - 1, vision_end_token_id=len(tokenizer) - 1,
+    )).eval()
+    g = torch.Generator().manual_seed(seed + 2)
+    torch.manual_seed(seed + 3)
+    vae = AutoencoderKLQwenImage(
+        base_dim=24, z_dim=4, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
+        latents_mean=(torch.randn(4, generator=g) * 0.3).tolist(),
+        latents_std=(torch.rand(4, generator=g) + 0.5).tolist(),
+    ).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=1.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=0.9, base_image_seq_len=256,
+        max_image_seq_len=8192, shift_terminal=0.02, time_shift_type="exponential",
+    )
+    pipe = QwenImagePipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
+    )
+    pipe.save_pretrained(str(directory))
+    return pipe
+
+
+def build_tiny_z_image(directory: str | Path, seed: int = 0):
+    """A tiny ZImagePipeline (VAE factor 2, patch 2 inside the transformer: resolution multiple of 4).
+
+    Qwen3 text encoder (hidden 16, 2 layers; the pipeline reads ``hidden_states[-2]``), a 4-channel
+    AutoencoderKL with Z-Image's scaling 0.3611 / shift 0.1159 and Z-Image-Turbo's static shift 3.
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    hidden = 16
+    torch.manual_seed(seed)
+    transformer = ZImageTransformer2DModel(
+        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=1,
+        n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=hidden, rope_theta=256.0, t_scale=1000.0,
+        axes_dims=[8, 4, 4], axes_lens=[256, 32, 32],
+    ).eval()
+    with torch.no_grad():  # the padding tokens start at zero: make them matter like trained ones
+        transformer.x_pad_token.normal_()
+        transformer.cap_pad_token.normal_()
+    tokenizer = _qwen_template_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% if not enable_thinking %}<think>\n\n</think>\n\n"
+        "{% endif %}{% endif %}"
+    )
+    torch.manual_seed(seed + 1)
+    text_encoder = Qwen3Model(Qwen3Config(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=512,
+    )).eval()
+    pipe = ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_autoencoder_kl(seed + 2, 0.3611, 0.1159),
+        text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
+    )
+    pipe.save_pretrained(str(directory))
+    return pipe
+
+
+def build_tiny_flux2(directory: str | Path, seed: int = 0):
+    """A tiny Flux2Pipeline (FLUX.2-dev: guidance embedding, Mistral3 text encoder), saved to ``directory``.
+
+    The Mistral text model has 30 layers (hidden 8) so the pipeline's default output layers
+    (10, 20, 30) exist, and joint_attention_dim = 3 × 8. The tokenizer is a byte-level tokenizer
+    whose chat template takes FLUX.2's message format (content as a list of typed parts); the real
+    checkpoint ships a Pixtral processor, whose ``apply_chat_template`` the pipeline calls the same way.
+    """
+    from diffusers import AutoencoderKLFlux2, Flux2Pipeline, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    hidden = 8
+    torch.manual_seed(seed)
+    transformer = Flux2Transformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+        num_attention_heads=2, joint_attention_dim=3 * hidden, timestep_guidance_channels=256,
+        axes_dims_rope=[4, 4, 4, 4], guidance_embeds=True,
+    ).eval()
+    tokenizer = tiny_qwen_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}[{{ m['role'] }}]{% for part in m['content'] %}{{ part['text'] }}{% endfor %}"
+        "[/{{ m['role'] }}]{% endfor %}"
+    )
+    torch.manual_seed(seed + 1)
+    text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(
+        text_config={
+            "model_type": "mistral", "vocab_size": len(tokenizer), "hidden_size": hidden, "intermediate_size": 16,
+            "num_hidden_layers": 30, "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 4,
+            "max_position_embeddings": 1024, "sliding_window": None,
+        },
+        vision_config={
+            "model_type": "pixtral", "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "head_dim": 4, "patch_size": 2, "image_size": 8,
+        },
+        image_token_index=len(tokenizer) - 1, spatial_merge_size=1,
+    )).eval()
+    torch.manual_seed(seed + 2)
+    vae = AutoencoderKLFlux2(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4, 8),
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        layers_per_block=1, latent_channels=1, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+    ).eval()
+    with torch.no_grad():
+        vae.bn.running_mean.copy_(torch.randn_like(vae.bn.running_mean) * 0.3)
+        vae.bn.running_var.copy_(torch.rand_like(vae.bn.running_var) + 0.5)
+    pipe = Flux2Pipeline(
+        scheduler=_flux2_scheduler(), vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer,
+    )
+    pipe.save_pretrained(str(directory))
+    return pipe
+
+
+def _flux2_scheduler():
+    """FLUX.2-dev's scheduler config: exponential dynamic shifting (μ from compute_empirical_mu)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, time_shift_type="exponential")

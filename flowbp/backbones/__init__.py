@@ -19,6 +19,9 @@ BACKBONES: dict[str, str] = {
     "sd3": "flowbp.backbones.sd3:SD3Backbone.from_pretrained",
     "flux1": "flowbp.backbones.flux1:Flux1Backbone.from_pretrained",
     "flux2-klein": "flowbp.backbones.flux2_klein:Flux2KleinBackbone.from_pretrained",
+    "flux2": "flowbp.backbones.flux2:Flux2Backbone.from_pretrained",
+    "qwen-image": "flowbp.backbones.qwen_image:QwenImageBackbone.from_pretrained",
+    "z-image": "flowbp.backbones.z_image:ZImageBackbone.from_pretrained",
 }
 
 

@@ -48,6 +48,14 @@ TRANSFORMER_TO_BACKBONE: dict[str, str] = {
     "SD3Transformer2DModel": "sd3",
     "FluxTransformer2DModel": "flux1",
     "Flux2Transformer2DModel": "flux2-klein",
+    "QwenImageTransformer2DModel": "qwen-image",
+    "ZImageTransformer2DModel": "z-image",
+}
+#: Pipeline class -> backbone, where one transformer class serves several families (FLUX.2-dev and
+#: FLUX.2-Klein share ``Flux2Transformer2DModel``): the folder's ``_class_name`` tells them apart.
+PIPELINE_TO_BACKBONE: dict[str, str] = {
+    "Flux2Pipeline": "flux2",
+    "Flux2KleinPipeline": "flux2-klein",
 }
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -197,12 +205,18 @@ class DiffusersBackbone:
         folder = resolve_pipeline_dir(path, local_files_only)
         index = read_model_index(folder)
         found = _component_class(index, "transformer")
+        pipeline_found = str(index.get("_class_name", "?"))
+        owner = PIPELINE_TO_BACKBONE.get(pipeline_found) or TRANSFORMER_TO_BACKBONE.get(found or "")
         if found != cls.transformer_class_name:
-            other = TRANSFORMER_TO_BACKBONE.get(found or "")
-            hint = f" (use backbone={other})" if other else ""
+            hint = f" (use backbone={owner})" if owner else ""
             raise ValueError(
-                f"backbone_path: {path} holds a {index.get('_class_name', '?')} with transformer {found}; "
+                f"backbone_path: {path} holds a {pipeline_found} with transformer {found}; "
                 f"backbone {cls.name!r} needs {cls.transformer_class_name}{hint}"
+            )
+        if PIPELINE_TO_BACKBONE.get(pipeline_found, cls.name) != cls.name:
+            raise ValueError(
+                f"backbone_path: {path} holds a {pipeline_found}; backbone {cls.name!r} needs a "
+                f"{cls.pipeline_class_name} (use backbone={owner})"
             )
         for component in cls.required_components:
             if _component_class(index, component) is None:
@@ -264,8 +278,6 @@ class DiffusersBackbone:
         for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "invert_sigmas"):
             if config.get(key, False):
                 raise ValueError(f"scheduler: {key}=True is not supported (the training grid is the shifted linspace)")
-        if config.get("shift_terminal", None):
-            raise ValueError("scheduler: shift_terminal is not supported (the training grid ends at shift(1/N))")
         if config.get("use_dynamic_shifting", False):
             mu = self.dynamic_mu(num_steps)
             if config.get("time_shift_type", "exponential") == "linear":
@@ -278,8 +290,21 @@ class DiffusersBackbone:
         raise ValueError(f"scheduler: dynamic shifting is not supported by the {self.name} backbone")
 
     def sigmas(self, num_steps: int) -> torch.Tensor:
-        """The paper's grid: ``linspace(1, 1/N, N)`` shifted by the scheduler's shift, then 0 (float64)."""
-        return training_sigmas(num_steps, self.scheduler_shift(num_steps))
+        """The paper's grid: ``linspace(1, 1/N, N)`` shifted by the scheduler's shift, then 0 (float64).
+
+        A scheduler with ``shift_terminal`` (Qwen-Image: 0.02) then stretches the shifted grid so that
+        its last nonzero σ is that value, ``σ'' = 1 − (1 − σ')(1 − terminal)/(1 − σ'_N)``, as its
+        ``set_timesteps(sigmas=…)`` does; the others end at shift(1/N).
+        """
+        grid = training_sigmas(num_steps, self.scheduler_shift(num_steps))
+        terminal = self.scheduler.config.get("shift_terminal", None)
+        if terminal:
+            if not 0 < float(terminal) < 1:
+                raise ValueError(f"scheduler: shift_terminal must be in (0, 1), got {terminal}")
+            if num_steps > 1:  # at N = 1, 1 − σ'_N is 0 (the scheduler yields NaN); the step stays 1 → 0
+                one_minus = 1 - grid[:-1]
+                grid[:-1] = 1 - one_minus * (1 - float(terminal)) / one_minus[-1]
+        return grid
 
     def pipeline_sigmas(self, num_steps: int) -> list[float]:
         """What to pass to the pipeline's ``sigmas=`` to get :meth:`sigmas` (without the final 0)."""

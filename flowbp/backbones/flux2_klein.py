@@ -58,8 +58,9 @@ class Flux2KleinBackbone(PackedLatentsMixin, DiffusersBackbone):
     ) -> None:
         self.text_encoder_out_layers = tuple(int(i) for i in text_encoder_out_layers)
         encoder = getattr(pipe, "text_encoder", None)
-        if encoder is not None:
-            _check_out_layers(encoder.config, self.text_encoder_out_layers, pipe.transformer.config)
+        if encoder is not None:  # (a VL encoder such as FLUX.2-dev's Mistral3 keeps its text model's config apart)
+            text_config = getattr(encoder.config, "text_config", None) or encoder.config
+            _check_out_layers(text_config, self.text_encoder_out_layers, pipe.transformer.config)
         super().__init__(pipe, *args, **kwargs)
         #: A step-distilled checkpoint (``is_distilled`` in model_index.json) runs without CFG, as in the pipeline.
         self.is_distilled = bool(pipe.config.get("is_distilled", False))
