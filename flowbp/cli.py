@@ -56,6 +56,9 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from flowbp.quiet import quiet_third_party
+
+    quiet_third_party()  # third-party warnings a user cannot act on (only logging is imported)
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_BAD_INPUT
-    from flowbp.train import TrainingStopped
+    from flowbp.training.run import TrainingStopped  # light: no torch import before the command runs
 
     prefix = f"flowbp {args.command}"
     try:

@@ -95,6 +95,8 @@ class TrainConfig:
     # periodic held-out evaluation (flowbp.evaluate.periodic_eval), the same code as `flowbp eval`:
     eval_every: int = 0  # evaluate every N steps (0: off)
     eval_metrics: list[str] | None = None  # None: the training reward + the backbone's held-out metrics
+    # reward-hacking guard (flowbp.guard): [{metric, tolerance, action: warn|stop}], checked at every eval_every
+    guard: list[dict[str, Any]] = field(default_factory=list)
     sample_every: int = 50  # sample grid every N steps (0: only at start and end)
     checkpoint_every: int = 50  # 0: only at the end
     output_dir: str | None = None  # None: runs/<backbone>-<method>-<timestamp>
@@ -112,6 +114,11 @@ class TrainConfig:
     max_consecutive_skips: int = 5  # stop (with a checkpoint) after this many non-finite steps in a row
 
     def check(self) -> None:
+        # method, reward and backbone names first, read from the registries' source without importing
+        # torch: a typo fails in milliseconds, before any model loads (the registries check the rest)
+        from flowbp.names import check_names
+
+        check_names(self.method, self.reward, self.backbone)
         positive_ints = (
             "num_inference_steps",
             "steps",
@@ -169,6 +176,9 @@ class TrainConfig:
         for name, value in (("base_quantization", self.base_quantization), ("optimizer", self.optimizer)):
             if value not in ("none", "adamw") and importlib.util.find_spec("torchao") is None:
                 raise ValueError(f"{name}: {value!r} needs the torchao package (pip install 'flowbp[quant]')")
+        from flowbp.guard import parse_rules
+
+        parse_rules(self.guard)  # the structure of each entry (the metric names are checked with the components)
         if self.lr_scheduler not in LR_SCHEDULERS:
             allowed = ", ".join(LR_SCHEDULERS)
             raise ValueError(f"lr_scheduler: unknown schedule {self.lr_scheduler!r}; allowed: {allowed}")
@@ -255,6 +265,9 @@ def validate_against_components(config: TrainConfig) -> None:
             parse_metrics(config.eval_metrics)
         except ValueError as exc:
             raise ValueError(f"eval_metrics: {str(exc).removeprefix('--metrics: ')}") from exc
+    from flowbp.guard import check_config
+
+    check_config(config)  # guarded metrics must be evaluated for this backbone; needs eval_every
     # Draw one plan on the training grid of the configured length: catches unknown methods, unknown or
     # mistyped overrides and K larger than the number of steps before any output exists.
     try:

@@ -634,7 +634,7 @@ def eval_metric_specs(config, backbone_name: str) -> list[str]:
 _SCORERS: dict[tuple[str, str, str], Callable] = {}  # (spec, reward paths, device) -> loaded scorer
 
 
-def periodic_eval(run) -> dict[str, dict[str, float]]:
+def periodic_eval(run, keep: dict[str, Any] | None = None) -> dict[str, dict[str, float]]:
     """Evaluate the EMA weights of a training run on its held-out prompt set; log and write it.
 
     Every ``eval_every`` steps: ``eval_samples_per_prompt`` images per prompt (seeds ``eval_seed + k``), every
@@ -642,7 +642,8 @@ def periodic_eval(run) -> dict[str, dict[str, float]]:
     (a full eval run: scores.jsonl, summary.json, report.html, …; any two can be compared with
     ``flowbp eval --compare``), logs ``eval/<metric>`` (mean) and ``eval/<metric>/ci95_*`` to TensorBoard
     and returns ``{metric: {mean, ci95_low, ci95_high, n_prompts}}`` for history.json. Every process
-    samples (a DDP forward may synchronise buffers); only the main process writes.
+    samples (a DDP forward may synchronise buffers); only the main process writes. ``keep``, if given,
+    receives ``image_set``, ``specs`` and the per-image ``scores`` (the reward-hacking guard pairs them).
     """
     from flowbp.training.weights import ema_weights
 
@@ -671,6 +672,8 @@ def periodic_eval(run) -> dict[str, dict[str, float]]:
     scores = score(image_set.images, image_set.image_prompts(), scorers, batch_size, device, answers=answers)
     records = records_of(image_set, scores, answers)
     summary = summarize(records, specs)
+    if keep is not None:
+        keep.update(image_set=image_set, specs=specs, scores=scores)
     if run.accelerator.is_main_process:
         info = {"mode": "training", "run": str(run.run_dir), "step": run.step, "backbone": c.backbone,
                 "images_per_prompt": c.eval_samples_per_prompt, "seed": c.eval_seed,

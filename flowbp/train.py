@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from flowbp import _testing_hooks as hooks
+from flowbp import guard
 from flowbp.checkpoint import atomic_write_text, clean_temporaries
 from flowbp.config import TrainConfig, load_config, save_config, validate_against_components
 from flowbp.evaluate import periodic_eval
@@ -132,6 +133,7 @@ def setup(config: TrainConfig, run_dir: Path | None = None, resume_from: Path | 
         ema=ema,
         generators=make_generators(config, accelerator.process_index),
         sigmas=backbone.sigmas(config.num_inference_steps),
+        guard=guard.make_guard(config),
     )
     if resume_from is not None:
         restore(run, resume_from)
@@ -205,6 +207,7 @@ def _loop(run: Run, start_time: float, stop_after: int | None, tqdm: Any) -> dic
             "per_sample": {"reward": before.rewards.tolist(), **{k: v.tolist() for k, v in before.per_sample.items()}},
         }
         save_sample_grid(run, "step-000000")
+    guard.on_start(run)
     bar = tqdm(
         total=c.steps,
         initial=run.step,
@@ -214,11 +217,16 @@ def _loop(run: Run, start_time: float, stop_after: int | None, tqdm: Any) -> dic
         dynamic_ncols=True,
     )
     try:
-        while run.step < c.steps:
+        while run.step < c.steps and not guard.stopped(run):
             record = train_step(run)
             if c.eval_every and run.step % c.eval_every == 0:
-                record["eval"] = periodic_eval(run)  # the held-out evaluation of `flowbp eval`, into history.json
+                kept: dict[str, Any] = {}
+                record["eval"] = periodic_eval(run, keep=kept)  # the held-out evaluation of `flowbp eval`
+                if run.guard is not None:
+                    record["guard"] = guard.on_eval(run, kept, save_run_checkpoint)
             log_step(run, record)
+            if guard.stopped(run):
+                break  # finish now: checkpoint, final evaluation, weights, summary saying why
             hooks.after_step(run)
             bar.update(1)
             recent = [h for h in run.history[-10:] if not h["skipped"]]
@@ -281,6 +289,7 @@ def finish(run: Run, start_time: float) -> dict[str, Any]:
         "after": after.summary(),
         "reward_improvement": _paired(before_rewards, after.rewards),
     }
+    guard.on_finish(run, summary)
     for key, values in after.per_sample.items():
         prior = torch.tensor(run.before["per_sample"][key], dtype=torch.float64)
         summary[f"{key}_change"] = _paired(prior, values)

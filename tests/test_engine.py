@@ -492,3 +492,48 @@ def test_coupled_nodes() -> None:
     assert flowbp.make_plan("leapalign", shifted(25), 0, alpha=0.0).coupled_nodes == frozenset()
     assert flowbp.make_plan("alignprop", shifted(25), 0).coupled_nodes == frozenset(range(1, 25))
     assert flowbp.make_plan("flowbp-sparse", shifted(25), 0).coupled_nodes == frozenset()
+
+
+# ---------------------------------------------------------------------------- coarse-leap (beyond the paper)
+@pytest.mark.parametrize("placement", ["sigma", "index", "stratified"])
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_coarse_leap_is_autograd_through_the_coarse_euler_sampler_on_a_linear_field(placement: str, k: int) -> None:
+    """Coarse-leap's gradient is that of a K-step Euler sampler over its anchors, written as a plain loop.
+
+    On v = a(σ)x + c(σ)θ the θ-gradient of any sampler depends only on the σ's it visits (∂v/∂x = a, ∂v/∂θ = c),
+    so the coarse sampler x_{l+1} = x_l + (σ_{a_{l+1}} − σ_{a_l})·v(x_l, σ_{a_l}), run from x_{a_0} with
+    autograd, is an independent reference.
+    """
+    sigmas = shifted(12)
+    plan = flowbp.make_plan("coarse-leap", sigmas, 3, num_active=k, placement=placement)
+    assert plan.grad_forwards == k and plan.chain_depth == k - 1
+    field = LinearField(D)
+    traj = flowbp.rollout(field, _noise(), sigmas)
+    weights = torch.randn(B, D, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    out = flowbp.surrogate(plan, traj, field)
+    torch.testing.assert_close(out.reward_input, traj.sample)  # forward value: the cached sample
+    (grad,) = torch.autograd.grad((weights * out.reward_input).sum(), [field.theta])
+    s = sigmas.tolist()
+    x = traj.latents[plan.anchors[0]].detach()
+    for a, b in zip(plan.anchors, plan.anchors[1:], strict=False):
+        x = x + (s[b] - s[a]) * field(x, s[a])
+    (expected,) = torch.autograd.grad((weights * x).sum(), [field.theta])
+    torch.testing.assert_close(grad, expected, rtol=1e-10, atol=1e-12)
+    assert _jacobian_power(plan) == plan.chain_depth
+
+
+def test_coarse_leap_placement_saved_bytes_and_determinism() -> None:
+    sizes = set()
+    for n in (10, 25, 50):
+        plan = flowbp.make_plan("coarse-leap", shifted(n, 1.0), 0)
+        # equal σ-length strata on a linear grid: anchors at σ = 1, ¾, ½, ¼ (to the grid), all active
+        assert [round(plan.sigmas[a] * 4) / 4 for a in plan.anchors[:-1]] == [1.0, 0.75, 0.5, 0.25]
+        assert plan.active == plan.anchors[:-1] and set(plan.coupling) == set(plan.anchors[1:-1])
+        assert plan == flowbp.make_plan("coarse-leap", shifted(n, 1.0), 99)  # deterministic: no draw variance
+        sizes.add(_saved_bytes(flowbp.make_plan("coarse-leap", shifted(n), 0), n))
+    assert len(sizes) == 1  # activation memory of K = 4 grad forwards, whatever N
+    unit = _saved_bytes(flowbp.make_plan("flowbp-sparse", shifted(25), 0, num_active=1), 25)
+    coupled_input = 8 * 64 * 4  # each coupled call keeps its new input u (as in the alignprop check above)
+    assert sizes == {4 * unit + 3 * coupled_input}
+    with pytest.raises(ValueError, match="placement: got 'middle'; allowed: sigma, index, stratified"):
+        flowbp.make_plan("coarse-leap", shifted(25), 0, placement="middle")

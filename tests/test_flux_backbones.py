@@ -183,7 +183,7 @@ def test_every_method_trains_one_step_into_the_lora(name: str, folders: dict[str
     sigmas = bb.sigmas(4)
     small = {"drtune": {"num_train_steps": 2}, "flowbp-bridge": {"num_active": 3}}  # defaults need N > 4
     methods = [m for m in available_methods() if m != "custom"]
-    assert len(methods) == 9
+    assert len(methods) == 10  # the paper's nine and coarse-leap
     for i, method in enumerate(methods):
         gen = torch.Generator().manual_seed(i)
         cond = bb.encode_prompts(PROMPTS[:1])

@@ -90,7 +90,8 @@ def test_late_bias_prefers_late_nodes() -> None:
 
 # ---------------------------------------------------------------------------- bad input
 def test_unknown_method_lists_known_ones() -> None:
-    with pytest.raises(ValueError, match=r"unknown method 'nope'; known methods: alignprop, custom, draft-k"):
+    known = r"known methods: alignprop, coarse-leap, custom, draft-k"
+    with pytest.raises(ValueError, match=r"unknown method 'nope'; " + known):
         flowbp.make_plan("nope", shifted(25))
 
 

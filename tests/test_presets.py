@@ -17,7 +17,8 @@ from flowbp.config import PRESETS_DIR, load_config, validate_against_components
 from flowbp.methods import available_methods
 from flowbp.rewards import REWARDS
 
-METHODS = [m for m in available_methods() if m != "custom"]
+# the paper's methods (coarse-leap, beyond the paper, ships digits presets only: digits-coarse-leap.yaml)
+METHODS = [m for m in available_methods() if m not in ("custom", "coarse-leap")]
 PAPER_PREFIXES = ["sd35", "flux1", "flux2-klein"]
 #: the backbones the paper did not train -> the paper backbone whose per-method settings they carry
 NEAREST = {"sd35-large": "sd35", "flux2-klein-4b": "flux2-klein", "qwen-image": "flux2-klein", "z-image": "sd35",

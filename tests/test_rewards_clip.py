@@ -150,3 +150,24 @@ def test_half_precision_weights_score_close_to_float32(clip_dir):
     assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="dtype: expected one of"):
         load_reward("pickscore", path=clip_dir, dtype="int8")
+
+
+def test_clipscore_keeps_the_end_token_on_long_prompts_unlike_torchmetrics(clip_dir):
+    """> 77 tokens: flowbp truncates with the tokenizer (end token kept); torchmetrics slices ids[:77] (dropped).
+
+    torchmetrics' ``_get_features`` (written from its code): ``processor(text, padding=True)`` without
+    truncation, then ``input_ids[..., :max_position_embeddings]``. Short prompts give identical ids.
+    """
+    reward = load_reward("clipscore", path=clip_dir)
+    tok = reward.tokenizer
+    long_prompt = "a red cube " * 40  # 120 words ≫ 75 tokens
+    ours = tok([long_prompt], padding="max_length", truncation=True, max_length=77)["input_ids"][0]
+    sliced = tok([long_prompt], padding=True)["input_ids"][0][:77]
+    assert len(ours) == len(sliced) == 77
+    assert ours[0] == sliced[0] == tok.bos_token_id
+    assert ours[:76] == sliced[:76]  # same 75 prompt tokens after the start token
+    assert ours[76] == tok.eos_token_id and sliced[76] != tok.eos_token_id  # the one difference
+    short = "two cats"
+    assert tok([short], padding=True, truncation=True, max_length=77)["input_ids"] == tok([short], padding=True)[
+        "input_ids"
+    ]

@@ -21,7 +21,7 @@ from rewards_tiny import (
 from flowbp.cli import main as cli_main
 from flowbp.rewards import load_reward
 from flowbp.rewards.convert import build_clip_model, openclip_clip_config
-from flowbp.rewards.preprocess import HPS_PAD, OPENAI_MEAN, OPENAI_STD
+from flowbp.rewards.preprocess import HPS_PAD, OPENAI_MEAN, OPENAI_STD, ImageTransform
 from flowbp.rewards.tokenizers import clip_tokenizer as clip_tokenizer_from
 from flowbp.rewards.tokenizers import open_clip_clean
 from flowbp.rewards.weights import RewardWeightsError
@@ -118,16 +118,18 @@ def open_clip_ids(prompts):
 def ref_hps_transform(images: torch.Tensor) -> torch.Tensor:
     """HPSv2's ResizeMaxSize(224, BICUBIC, fill=0) + Normalize, written from its code, one image at a time.
 
-    scale = max_size / max(h, w); new = round(dim * scale); torchvision F.resize on a float tensor is
-    interpolate(bicubic, antialias=True); F.pad(img, [pw // 2, ph // 2, pw - pw // 2, ph - ph // 2], 0)
-    pads [left, top, right, bottom]. PIL's uint8 output is clipped to [0, 1].
+    hpsv2x 1.2.0 ``open_clip/transform.py`` ``image_transform(is_train=False, resize_longest_max=True)``:
+    Compose([RGB, ToTensor(), ResizeMaxSize(224), Normalize]): the resize gets a float C×H×W tensor
+    (``height, width = img.shape[1:]``). scale = max_size / max(h, w); new = round(dim * scale);
+    torchvision F.resize on a float tensor is interpolate(bicubic, antialias=True) with no clamp;
+    F.pad(img, [pw // 2, ph // 2, pw - pw // 2, ph - ph // 2], 0) pads [left, top, right, bottom].
     """
     out = []
     for img in images:
         height, width = img.shape[-2:]
         scale = 224 / float(max(height, width))
         new_size = tuple(round(dim * scale) for dim in (height, width))
-        x = F.interpolate(img[None], size=new_size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+        x = F.interpolate(img[None], size=new_size, mode="bicubic", align_corners=False, antialias=True)
         ph, pw = 224 - new_size[0], 224 - new_size[1]
         canvas = torch.zeros(1, 3, 224, 224)
         canvas[..., ph // 2 : ph // 2 + new_size[0], pw // 2 : pw // 2 + new_size[1]] = x
@@ -152,6 +154,29 @@ def test_hps_preprocessing_pads_instead_of_cropping(hw):
         pad_value = ((0 - torch.tensor(OPENAI_MEAN)) / torch.tensor(OPENAI_STD)).view(1, 3, 1)
         assert torch.allclose(ours[..., :, :left], pad_value.unsqueeze(-1).expand_as(ours[..., :, :left]))
         assert not torch.allclose(ours[..., :, left], pad_value.expand_as(ours[..., :, left]))
+
+
+def test_hps_preprocessing_keeps_the_overshoot_and_its_gradient():
+    """A sharp black/white edge: bicubic overshoots past [0, 1]; the official float resize keeps it (no clamp).
+
+    The old transform clamped after the resize (as for PIL scorers), which zeroed the gradient of every
+    overshooting pixel; HPSv2 resizes the float tensor, so the reward's gradient must reach those pixels.
+    """
+    images = torch.zeros(1, 3, 300, 200)
+    images[..., :, 100:] = 1.0  # vertical edge; 300×200 → 224×149 (downsampling: antialiased bicubic)
+    images.requires_grad_(True)
+    ours = HPS_PAD(images)
+    assert torch.allclose(ours, ref_hps_transform(images.detach()), atol=1e-6)
+    pixels = ours * torch.tensor(OPENAI_STD).view(1, 3, 1, 1) + torch.tensor(OPENAI_MEAN).view(1, 3, 1, 1)
+    over = pixels[0, 0].max()
+    assert over > 1.0 + 1e-3, over  # bicubic ringing past white, kept as the official transform keeps it
+    row, col = divmod(int(pixels[0, 0].argmax()), pixels.shape[-1])
+    (grad,) = torch.autograd.grad(ours[0, 0, row, col], images)
+    assert grad.abs().sum() > 0  # the gradient reaches the input through the overshooting pixel
+    # the old behaviour (clamp after resize) zeroes exactly this gradient
+    clamped = ImageTransform(layout="pad", clamp=True)(images)
+    (old_grad,) = torch.autograd.grad(clamped[0, 0, row, col], images)
+    assert old_grad.abs().sum() == 0
 
 
 def test_hps_rounding_is_pythons():

@@ -162,6 +162,7 @@ def test_presets_load_and_default_preset_matches_builtin_defaults() -> None:
     hacking = load_config("digits-hacking")
     assert hacking.reward == "digit-contrast"
     with pytest.raises(
-        ValueError, match=r"config: file not found: nope \(shipped presets: digits-default, digits-hacking"
+        ValueError,
+        match=r"config: file not found: nope \(shipped presets: digits-coarse-leap, digits-default, digits-hacking",
     ):
         load_config("nope")

@@ -225,7 +225,11 @@ class DiffusersBackbone:
                 raise ValueError(f"backbone_path: {path} lacks the {component}/ folder of component {component!r}")
         import diffusers
 
+        from flowbp.quiet import quiet_third_party, shorten_prompt_truncation
+
+        quiet_third_party()  # before the pipeline class is resolved: transformers warns while it is
         pipeline_cls = getattr(diffusers, cls.pipeline_class_name)
+        shorten_prompt_truncation(pipeline_cls.__module__)
         dtypes: dict[str, torch.dtype] = {"default": dtype}
         if transformer_dtype is not None:
             dtypes["transformer"] = transformer_dtype

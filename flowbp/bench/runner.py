@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flowbp.bench.ablation_common import ABLATIONS
+from flowbp.bench.ablations import render_ablations, run_ablations, selected, settings_for
 from flowbp.bench.context import FULL, QUICK, SECTIONS, Bench, Settings
 from flowbp.bench.cost import run_cost, write_cost, write_headline
 from flowbp.bench.deviation import run_deviation, write_deviation
@@ -49,9 +51,13 @@ def run(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ValueError(f"--seeds: must be >= 1, got {args.seeds}")
     only = set(args.only or SECTIONS)
-    unknown = only - set(SECTIONS)
+    allowed = (*SECTIONS, "ablations", *ABLATIONS)
+    unknown = only - set(allowed)
     if unknown:
-        raise ValueError(f"--only: unknown section(s) {sorted(unknown)}; allowed: {', '.join(SECTIONS)}")
+        raise ValueError(f"--only: unknown section(s) {sorted(unknown)}; allowed: {', '.join(allowed)}")
+    ablations = selected(only)
+    if ablations:
+        settings_for(args)  # bad ablation options fail before the model loads
     if args.threads:
         torch.set_num_threads(args.threads)
     elif args.device != "cuda":
@@ -84,9 +90,11 @@ def run(args: argparse.Namespace) -> int:
         t = time.perf_counter()
         write_training(bench, run_training(bench))
         timings["training"] = time.perf_counter() - t
+    if ablations:
+        timings.update(run_ablations(bench, ablations, command_line()))
     total = time.perf_counter() - bench.t0
     meta = {
-        "command": "flowbp bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:]),
+        "command": command_line(),
         "mode": "quick" if args.quick else "full",
         "device": str(bench.device),
         "threads": torch.get_num_threads(),
@@ -98,6 +106,10 @@ def run(args: argparse.Namespace) -> int:
     (bench.out / "bench.json").write_text(json.dumps(meta, indent=2) + "\n")
     bench.log(f"done in {total:.0f}s: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
     return 0
+
+
+def command_line() -> str:
+    return "flowbp bench " + " ".join(sys.argv[2:] if sys.argv[1:2] == ["bench"] else sys.argv[1:])
 
 
 class ReportContext:
@@ -141,8 +153,13 @@ def render(args: argparse.Namespace) -> int:
     training = load("training-runs")
     found = [n for n, d in (("fidelity", fid), ("explosion", explosion), ("deviation", deviation), ("cost", cost),
                             ("training-runs", training)) if d is not None]
+    merging = bool(getattr(args, "merge_from", None))
+    ablations = render_ablations(ReportContext(args, QUICK)) if out.is_dir() or merging else []
+    if not found and not ablations:
+        raise ValueError(f"--out: no bench JSON (fidelity, explosion, deviation, cost, training-runs, "
+                         f"ablation-*) in {out}")
     if not found:
-        raise ValueError(f"--out: no bench JSON (fidelity, explosion, deviation, cost, training-runs) in {out}")
+        return 0
     stored = [d["settings"] for d in (fid, explosion, cost, training) if d is not None and "settings" in d]
     ctx = ReportContext(args, settings_from_json(stored[0] if stored else {}))
     ctx.log(f"rendering {', '.join(found)} from {out}")

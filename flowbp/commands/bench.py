@@ -11,7 +11,10 @@ defaults, plus active-set sweeps) is measured against the truth on the same batc
 - ``cost``      grad forwards, Jacobian chain depth, bytes saved for backward, and the wall time of a training
   step divided by that of the no-grad rollout (interleaved, same run);
 - ``training``  training reward and held-out metrics of short training runs per method over several seeds,
-  with paired differences to the reference method (methods share seeds).
+  with paired differences to the reference method (methods share seeds);
+- ``ablations`` the paper's four ablations (``ablation-input``, ``ablation-k``, ``ablation-alpha``,
+  ``ablation-leap``; each can run on its own): every claim marked holds / fails / not resolved by a paired
+  interval. Run only when named in ``--only``.
 
 Every table is written as Markdown and JSON, every figure as PNG, into ``--out``; ``headline.md`` holds the
 fidelity + cost table at N = 25. ``--quick`` shrinks everything to run in minutes on two CPU cores.
@@ -23,7 +26,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flowbp.bench.ablation_common import ABLATIONS
 from flowbp.bench.context import SECTIONS
+
+#: everything ``--only`` accepts: the method-comparison sections, then the paper's ablations (not run by default)
+ONLY_CHOICES = (*SECTIONS, "ablations", *ABLATIONS)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,8 +46,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="bench-results", help="output folder for tables and plots (default bench-results)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None, help="default: cuda when available, else cpu")
     p.add_argument("--seeds", type=int, default=3, help="training seeds per method (default 3)")
-    p.add_argument("--only", action="append", choices=SECTIONS, metavar="SECTION",
-                   help=f"run only this section (repeatable): {', '.join(SECTIONS)}")
+    p.add_argument("--only", action="append", choices=ONLY_CHOICES, metavar="SECTION",
+                   help=f"run only this section (repeatable): {', '.join(ONLY_CHOICES)}. Without --only: the "
+                   f"method sections ({', '.join(SECTIONS)}); the ablations (docs/ablations.md) run only when named")
+    p.add_argument("--ablation-seeds", type=int, default=None,
+                   help="training seeds of the input and α ablations (default 5; quick 2)")
+    p.add_argument("--ablation-methods", default=None, metavar="A,B,...",
+                   help="ablations: only these methods in each sweep (default: all; splits a run over processes "
+                   "without changing its numbers)")
+    p.add_argument("--merge-from", action="append", metavar="DIR",
+                   help="with --render: first merge the ablation JSON of DIR (a run split by --ablation-methods) "
+                   "into --out (repeatable)")
+    p.add_argument("--no-ablation-training", action="store_true",
+                   help="ablations: gradients, cost and deviations only, no sample-efficiency runs")
     p.add_argument("--reference", default="leapalign",
                    help="method every other one is compared with, paired over batches / seeds (default leapalign)")
     p.add_argument("--reward", default=None,

@@ -8,7 +8,12 @@
   imagereward_config.json + the BERT tokenizer (``--tokenizer`` folder with vocab.txt, else next to
   ``--src``, else the hub cache of google-bert/bert-base-uncased).
 
-Both read the pickle with ``torch.load(weights_only=True)``; the output is written to a temporary
+- ``hpsv3``: an HPSv3 ``.pt``/``.pth`` checkpoint (``{"model": state_dict}`` or a plain state dict, as the
+  official inferencer accepts) → ``HPSv3.safetensors`` (same key names). The official release is already
+  ``HPSv3.safetensors`` and needs no conversion. Put the Qwen2-VL-7B-Instruct config/tokenizer files next
+  to it (or in ``base/``) to load it.
+
+All read the pickle with ``torch.load(weights_only=True)``; the output is written to a temporary
 folder and renamed, so a failed conversion leaves nothing behind.
 """
 
@@ -21,7 +26,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-CHOICES = ("hpsv2", "imagereward")
+CHOICES = ("hpsv2", "imagereward", "hpsv3")
 
 
 def _tokenizer_folder(arg: str | None, src: Path) -> Path:
@@ -47,7 +52,11 @@ def run(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        if args.reward == "hpsv2":
+        if args.reward == "hpsv3":
+            from flowbp.rewards.hpsv3 import convert_checkpoint
+
+            convert_checkpoint(src, tmp, dtype)
+        elif args.reward == "hpsv2":
             from flowbp.rewards.clip import convert_hpsv2, open_clip_heads
             from flowbp.rewards.tokenizers import LAION_H14, clip_tokenizer
 
@@ -76,10 +85,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert-reward", help="convert a reward checkpoint (HPSv2.1, ImageReward) to safetensors",
+    p = sub.add_parser("convert-reward",
+                       help="convert a reward checkpoint (HPSv2.1, ImageReward, HPSv3) to safetensors",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("reward", choices=CHOICES)
-    p.add_argument("--src", required=True, help="HPS_v2.1_compressed.pt or ImageReward.pt")
+    p.add_argument("--src", required=True, help="HPS_v2.1_compressed.pt, ImageReward.pt or an HPSv3 .pt/.pth")
     p.add_argument("--out", required=True, help="new output folder")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder or file (default: beside --src, then hub cache)")
     p.add_argument("--dtype", default="keep", choices=("keep", "float32", "float16", "bfloat16"),

@@ -5,6 +5,7 @@
     flowbp eval --compare RUN_A RUN_B [--out comparison.json]
     flowbp eval --suite paper --backbone sd3 [--lora RUN/lora] [--judge-url http://HOST:PORT/v1] --out RUN
     flowbp eval --table RUN_BASE RUN_A RUN_B [--baseline RUN_BASE] [--out table.md]
+    flowbp eval --suite geneval --backbone NAME [--geneval-detector DIR --geneval-clip DIR] --out RUN
 
 Every input is checked before anything is sampled or written; the run directory appears complete or
 not at all (see :func:`flowbp.evaluate.write_run`).
@@ -162,11 +163,19 @@ def run(args: argparse.Namespace) -> int:
     # ---- everything is validated before anything heavy is loaded, sampled or written
     if (args.backbone is None) == (args.images is None):
         raise ValueError("give exactly one of --backbone NAME (sample a model) or --images DIR (score a folder)")
-    suite_info = _apply_suite(args) if args.suite else {}
+    geneval_meta = None
+    if args.suite == "geneval":  # its own prompts (or a GenEval metadata .jsonl as --prompts), 4 images per prompt
+        from flowbp.geneval import suite as geneval_suite
+
+        geneval_meta = geneval_suite.read_metadata(args.prompts)
+        if args.images_per_prompt is None:
+            args.images_per_prompt = geneval_suite.IMAGES_PER_PROMPT
+    table_suite = args.suite if geneval_meta is None else None  # a suite of reward metrics (paper)
+    suite_info = _apply_suite(args) if table_suite else {}
     for key, value in DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    if args.prompts is None:
+    if args.prompts is None and geneval_meta is None:
         raise ValueError("--prompts: required (a text file, one prompt per line)")
     if args.metrics is None and not args.suite:
         raise ValueError(f"--metrics: required (comma-separated; known: {', '.join(ev.available_metrics())})")
@@ -175,13 +184,13 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')}: must be >= 1, got {getattr(args, name)}")
     if args.images is not None and (args.model or args.lora):
         raise ValueError("--model/--lora: only with --backbone (a folder of images is scored as it is)")
-    prompts = ev.read_prompts(args.prompts)
-    if args.suite:
+    prompts = [m["prompt"] for m in geneval_meta] if geneval_meta is not None else ev.read_prompts(args.prompts)
+    if table_suite:
         from flowbp.suites import SUITES
 
-        metrics = SUITES[args.suite].metrics()
+        metrics = SUITES[table_suite].metrics()
     else:
-        metrics = ev.parse_metrics(args.metrics)
+        metrics = ev.parse_metrics(args.metrics) if args.metrics is not None else []
     paths = _reward_paths(args.reward_path)
     judge = {"url": args.judge_url, "model": args.judge_model}
     out = Path(args.out) if args.out else Path("evals") / datetime.now().strftime("eval-%Y%m%d-%H%M%S")
@@ -200,7 +209,14 @@ def run(args: argparse.Namespace) -> int:
         transformers_logging.disable_progress_bar()
         diffusers_logging.disable_progress_bar()
     info: dict[str, Any] = {**suite_info, "prompts_file": str(args.prompts)}
-    if args.images is not None:
+    if geneval_meta is not None:
+        from flowbp.geneval.prompts import METADATA_FILE
+
+        info.update({"suite": args.suite, "prompts_file": str(args.prompts or METADATA_FILE)})
+    if args.images is not None and geneval_meta is not None and geneval_suite.is_official_layout(Path(args.images)):
+        image_set = geneval_suite.read_official_folder(Path(args.images), geneval_meta)
+        info.update({"mode": "folder", "images": str(args.images)})
+    elif args.images is not None:
         image_set = ev.read_image_folder(args.images, prompts)
         info.update({"mode": "folder", "images": str(args.images)})
     else:
@@ -225,12 +241,13 @@ def run(args: argparse.Namespace) -> int:
         reason = ev.pairing_error(planned, baseline)
         if reason:
             raise ValueError(f"--baseline: {reason}")
-        if not set(metrics) & set(baseline[0]["scores"]):
+        own = set(metrics) | ({geneval_suite.METRIC} if geneval_meta is not None else set())
+        if not own & set(baseline[0]["scores"]):
             raise ValueError(
                 f"--baseline: {args.baseline} shares no metric with --metrics "
                 f"(it has {', '.join(baseline[0]['scores'])})"
             )
-    if args.suite:
+    if table_suite:
         # every metric is loaded (weights read, judge server asked) before sampling; the unavailable are skipped
         from flowbp.suites import preflight
 
@@ -243,6 +260,11 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--baseline: {args.baseline} shares no available metric with --suite {args.suite}")
     else:
         scorers = {m: ev.load_metric(m, paths, device, judge) for m in metrics}
+    geneval_scorer = None
+    if geneval_meta is not None:  # weights checked before anything is sampled
+        from flowbp.geneval.score import load_scorer
+
+        geneval_scorer = load_scorer(args.geneval_detector, args.geneval_clip, device)
 
     if args.images is None:
         backbone = _load_backbone(args, device)
@@ -256,8 +278,13 @@ def run(args: argparse.Namespace) -> int:
     scores = ev.score(
         image_set.images, image_set.image_prompts(), scorers, args.batch_size, device, progress, answers=answers
     )
-    extra_files = {}
-    if args.suite:
+    extra_files: dict[str, str] = {}
+    if geneval_scorer is not None:
+        correct, geneval_summary, extra_files = geneval_suite.score(image_set, geneval_meta, geneval_scorer, progress)
+        scores = {geneval_suite.METRIC: correct, **scores}
+        metrics = [geneval_suite.METRIC, *metrics]
+        info["geneval"] = geneval_summary
+    if table_suite:
         extra_files["suite_table.md"] = _suite_table(
             args, out, ev, image_set, metrics, scores, answers, baseline, info["skipped_metrics"]
         )
@@ -280,7 +307,10 @@ def run(args: argparse.Namespace) -> int:
     if result.comparison is not None:
         print()
         _print_comparison(result.comparison)
-    if extra_files:
+    if geneval_scorer is not None:
+        print()
+        geneval_suite.print_summary(info["geneval"])
+    if "suite_table.md" in extra_files:
         print(f"\n{out / 'suite_table.md'}:\n{extra_files['suite_table.md']}", end="")
     sys.stdout.flush()
     return 0
@@ -306,6 +336,8 @@ def _run_table(args: argparse.Namespace) -> int:
     from flowbp import evaluate as ev
     from flowbp.suites import SUITES, table
 
+    if args.suite == "geneval":
+        raise ValueError("--table: for --suite paper; a GenEval run's summary is RUN/geneval.json")
     suite = SUITES[args.suite or "paper"]
     rows, comparisons, skipped = [], [], {}
     base = ev.read_scores(args.baseline, "--baseline") if args.baseline else None
@@ -335,7 +367,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "eval",
         help="score samples of a model (or a folder of images) with metrics; compare two eval runs",
-        description="Score every image with every metric; write scores.jsonl, summary.json (means, 95%% CIs over "
+        description="Score every image with every metric; write scores.jsonl, summary.json (means, 95% CIs over "
         "prompts), images, contact_sheet.png and report.html. Or compare two runs: --compare RUN_A RUN_B.",
     )
     p.add_argument("--backbone", help="sample this backbone (e.g. digits)")
@@ -347,7 +379,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--metrics", help="comma-separated reward specs / held-out metrics, e.g. digit-alignment,heldout-correct"
     )
     p.add_argument(
-        "--images-per-prompt", type=int, default=None, help="images per prompt; image k uses seed SEED+k (default 1)"
+        "--images-per-prompt", type=int, default=None,
+        help="images per prompt; image k uses seed SEED+k (default 1; 4 with --suite geneval)"
     )
     p.add_argument("--seed", type=int, default=None, help="seed of image 0 of every prompt (default 0)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 25)")
@@ -357,13 +390,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
         help="weight dtype of a real backbone (auto: float32 on CPU, bfloat16 on GPU)",
     )
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16, help="images sampled and scored per batch (default 16)")
     p.add_argument("--reward-path", action="append", metavar="NAME=PATH", help="weights of a reward (repeatable)")
     p.add_argument(
-        "--suite", choices=["paper"],
+        "--suite", choices=["paper", "geneval"],
         help="paper: the FlowBP paper's HPDv2 table (400 prompts, seed 42, its steps/guidance per backbone; "
-        "HPSv2.1, PickScore, ImageReward, UR-Align, UR-IQ, HPSv3 when available); other options override it",
+        "HPSv2.1, PickScore, ImageReward, UR-Align, UR-IQ, HPSv3 when available); other options override it. "
+        "geneval: its 553 prompts, 4 images each, Mask2Former + CLIP verdicts (--metrics optional; --prompts may "
+        "name a GenEval metadata .jsonl; --images may be GenEval's <N>/samples/<k>.png layout)",
     )
+    p.add_argument("--geneval-detector", metavar="DIR",
+                   help="GenEval detector: a transformers Mask2Former COCO-instance folder or a folder with "
+                   "mmdet's mask2former_swin-s-p4-w7-224_lsj_8x2_50e_coco.pth "
+                   "(default $FLOWBP_REWARD_DIR/geneval-detector, then the hub cache)")
+    p.add_argument("--geneval-clip", metavar="DIR", help="GenEval colour classifier: a CLIP ViT-L/14 folder "
+                   "(default $FLOWBP_REWARD_DIR/geneval-clip, then the hub cache of openai/clip-vit-large-patch14)")
     p.add_argument(
         "--table", nargs="+", metavar="RUN",
         help="only print the suite's table (default paper) of finished eval runs, one row per run, with paired "
@@ -383,6 +424,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--out", help="run directory to write (default: evals/eval-<time>; with --compare: an optional JSON file)"
     )
     p.add_argument("--embed-images", action="store_true", help="embed the images in report.html (one portable file)")
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)

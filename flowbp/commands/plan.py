@@ -63,7 +63,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run)
 
-    m = subparsers.add_parser("methods", help="list the registered methods and their parameters")
+    m = subparsers.add_parser(
+        "methods",
+        help="list the registered methods and their parameters",
+        description="List every registered method with a one-line summary and its parameters with their defaults "
+        "(override them with `flowbp plan METHOD --set key=value` or the config's method_args).",
+    )
     m.set_defaults(func=list_methods)
 
 

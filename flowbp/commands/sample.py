@@ -55,16 +55,21 @@ def load_lora_checked(backbone, path: str) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("sample", help="sample a grid from base or fine-tuned weights")
-    p.add_argument("--backbone", default="digits")
+    p = subparsers.add_parser(
+        "sample",
+        help="sample a grid from base or fine-tuned weights",
+        description="Draw a grid of samples (one row per prompt) from a backbone's base weights or a LoRA "
+        "saved by `flowbp train`, and print the held-out metrics (and a reward's mean with --reward).",
+    )
+    p.add_argument("--backbone", default="digits", help="backbone name (default: digits; see `flowbp train --help`)")
     p.add_argument("--backbone-path", help="base weights directory (default: the backbone's own)")
     p.add_argument("--lora", help="LoRA directory or file saved by `flowbp train` (run_dir/lora)")
     p.add_argument("--prompt", action="append", help="a prompt (repeatable; default: the backbone's prompt set)")
     p.add_argument("--samples", type=int, default=8, help="samples per prompt (one grid row per prompt)")
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--steps", type=int, default=25, help="sampling steps (default 25)")
     p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the backbone's)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
     p.add_argument("--reward", help="also score the samples with this reward spec")
-    p.add_argument("--out", default="samples.png")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--out", default="samples.png", help="PNG file to write (default: samples.png)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=run)

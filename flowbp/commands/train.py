@@ -11,7 +11,7 @@ from pathlib import Path
 def run(args: argparse.Namespace) -> int:
     from flowbp.commands.plan import parse_overrides
     from flowbp.config import load_config
-    from flowbp.train import default_run_dir, train
+    from flowbp.training.run import default_run_dir
 
     main_process = os.environ.get("RANK", "0") == "0"  # under torchrun / accelerate launch, only rank 0 prints
     overrides = parse_overrides(args.set)
@@ -44,6 +44,8 @@ def run(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume)
         if main_process:
             print(f"run directory: {run_dir} (resuming)", flush=True)
+        from flowbp.train import train  # torch, accelerate, diffusers: only once the input is known good
+
         summary = train(resume=args.resume)
     else:
         config = load_config(args.config, overrides)
@@ -54,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
         run_dir = Path(config.output_dir)
         if main_process:
             print(f"run directory: {run_dir}", flush=True)
+        from flowbp.train import train
+
         summary = train(config)
     if summary is not None and main_process:  # one report, from the main process
         keys = ("reward", "heldout_accuracy", "frechet_distance", "diversity")
@@ -68,13 +72,43 @@ def run(args: argparse.Namespace) -> int:
             f"  (n={imp['n']})"
         )
         print(f"sample grids: {run_dir / 'samples'}/   summary: {run_dir / 'summary.json'}")
+        if "guard" in summary:  # what the reward-hacking guard did (docs/guard.md)
+            good = summary["guard"]["last_good_checkpoint"]
+            print(f"guard: {summary['guard']['outcome']}; last checkpoint no guard flagged: "
+                  + (f"{good['checkpoint']} (step {good['step']})" if good else "none"))
         if args.json:
             print(json.dumps(summary, indent=2))
     return 0
 
 
+def _presets_epilog() -> str:
+    """The shipped presets, grouped by backbone, for ``flowbp train --help`` (read from the folder: no import)."""
+    import textwrap
+
+    folder = Path(__file__).resolve().parent.parent / "configs"
+    names = sorted(p.stem for p in folder.glob("*.yaml"))
+    lines = ["shipped presets (--config NAME; a YAML file path works too):"]
+    families = ("digits", "sd35", "flux1", "flux2-klein")
+    groups = [[n for n in names if n.startswith(f"{f}-")] for f in families]
+    groups.append([n for n in names if not n.startswith(tuple(f"{f}-" for f in families))])  # any other
+    for group in filter(None, groups):
+        lines += textwrap.wrap(", ".join(group), 100, initial_indent="  ", subsequent_indent="  ",
+                               break_on_hyphens=False)
+    lines.append("examples:\n  flowbp train --set method=leapalign --set steps=50\n"
+                 "  flowbp train --config sd35-flowbp-lagrange --dry-run --processes 8")
+    return "\n".join(lines)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("train", help="fine-tune a backbone with a reward (default: the digits testbed)")
+    p = subparsers.add_parser(
+        "train",
+        help="fine-tune a backbone with a reward (default: the digits testbed)",
+        description="Fine-tune a backbone with any method and reward. Without arguments: FlowBP-Lagrange on the "
+        "embedded digits testbed (CPU, about a minute). The config is validated before anything is loaded or "
+        "written; each run writes a run directory (config, checkpoints, samples, summary.json).",
+        epilog=_presets_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--config", help="YAML config file or shipped preset name (default: built-in defaults)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (YAML value)")
     p.add_argument("--output-dir", help="run directory (must not exist or be empty)")

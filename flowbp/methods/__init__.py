@@ -2,6 +2,7 @@
 
 from flowbp.methods import (  # noqa: F401  (registration side effects)
     alignprop,
+    coarse_leap,
     custom,
     draft,
     drtune,

@@ -10,6 +10,7 @@ Euler sum with its input detached.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -23,6 +24,9 @@ class DRTuneParams:
     num_train_steps: int = 3  # K strided trained nodes in [0, m]
     early_stop_ratio: float = 0.4  # m = N − U{1..round(ratio·N)}
     early_stop_steps: int | None = None  # overrides the ratio when set
+    # 'endpoint' adds the final connector (same draw, same active set): the paper's Table 4 endpoint-faithful
+    # ablation, as ReFL's option of the same name.
+    reward_input: Literal["posterior_mean", "endpoint"] = "posterior_mean"
 
     def check(self) -> None:
         check_min("num_train_steps", self.num_train_steps, 1)
@@ -64,6 +68,6 @@ def build(sigmas: tuple[float, ...], rng: np.random.Generator, p: DRTuneParams) 
         anchors=anchors,
         segments=make_segments(sigmas, anchors, ["euler", "leap"] if m > 0 else ["leap"]),
         active=tuple(active),
-        final_connector=False,
-        reward_input="posterior_mean",
+        final_connector=p.reward_input == "endpoint",
+        reward_input=p.reward_input,
     )

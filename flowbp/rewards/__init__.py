@@ -14,7 +14,7 @@ with respect to the images, as an ``nn.Module`` with frozen parameters.
 A single name with weight 1 returns that reward itself; anything else a
 :class:`~flowbp.rewards.digits.CombinedReward` whose ``parts()`` exposes each term for logging.
 
-Real reward models (``pickscore``, ``clipscore``, ``hpsv2``, ``imagereward``, ``aesthetic``) load
+Real reward models (``pickscore``, ``clipscore``, ``hpsv2``, ``imagereward``, ``aesthetic``, ``hpsv3``) load
 their weights from ``path=`` / ``paths={name: path}``, ``$FLOWBP_REWARD_DIR/<name>`` or the hub
 cache, never downloading unless ``allow_download=True`` (see :mod:`flowbp.rewards.weights`).
 Their modules are imported lazily so the digits testbed never pays for transformers' import.
@@ -54,6 +54,7 @@ REWARDS: dict[str, Any] = {
     "hpsv2": _lazy("flowbp.rewards.clip", "load_hpsv2"),
     "aesthetic": _lazy("flowbp.rewards.clip", "load_aesthetic"),
     "imagereward": _lazy("flowbp.rewards.imagereward", "load_imagereward"),
+    "hpsv3": _lazy("flowbp.rewards.hpsv3", "load_hpsv3"),
 }
 
 #: Evaluation-only metrics built like rewards (name -> constructor); never differentiable, never trained on.

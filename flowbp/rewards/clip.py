@@ -6,8 +6,17 @@ with respect to the pixels. Usual scales (see the README's Rewards section):
 
 - ``pickscore``: exp(logit_scale)·cos(image, text), logit_scale of PickScore_v1 ≈ ln 100; typical
   values 18–24 (FlowBP reports 22.3–23.8 on HPDv2 prompts). Not divided by 26.
-- ``clipscore``: 100·max(cos, 0) (torchmetrics' CLIPScore; the paper's 2.5·max(cos, 0) is it ÷ 40),
-  default openai/clip-vit-large-patch14; typical 20–35.
+- ``clipscore``: 100·max(cos, 0) per image, default openai/clip-vit-large-patch14; typical 20–35.
+  The CLIPScore paper's 2.5·max(cos, 0) is it ÷ 40. It is torchmetrics' ``CLIPScore`` formula with two
+  exact differences: (1) prompts over 77 tokens: flowbp lets the tokenizer truncate
+  (``truncation=True, max_length=77``), which keeps the end token, so the text is pooled at the end
+  token after 75 prompt tokens as CLIP was trained; torchmetrics tokenizes untruncated and slices
+  ``input_ids[..., :77]``, dropping the end token, so its pooled token is whatever sits at the pooling
+  position (with openai/clip-vit-large-patch14's legacy ``eos_token_id == 2`` config: the largest
+  token id among the first 77, a word token) and its score for such prompts is not CLIP's text
+  embedding. Prompts of ≤ 77 tokens (with start/end) get identical ids. (2) the clamp at 0 is applied
+  per image here; torchmetrics clamps the batch/dataset mean (``max(mean(100·cos), 0)``). The two agree
+  whenever no cosine is negative.
 - ``hpsv2``: cos(image, text) of HPS v2.1, no logit scale; ≈ 0.25–0.30 for base models, ≈ 0.4 after
   reward fine-tuning (HPSv2's benchmark tables print it ×100).
 - ``aesthetic``: LAION's MLP on the L2-normalised CLIP ViT-L/14 image embedding, 0–10 (≈ 5–6.5).

@@ -3,10 +3,19 @@
 A PIL or image-processor round trip would cut the gradient, so every reward re-implements its
 official preprocessing here. The resampling is ``F.interpolate(mode="bicubic", antialias=True)``:
 torch's antialiased bicubic uses PIL's kernel (a = −0.5, support widened by the scale factor when
-downsampling), and it is what torchvision's ``resize`` does on float tensors. The remaining
-difference to the official PIL paths is PIL's uint8 storage (rounding after each separable pass);
-and PIL's clipping of the bicubic overshoot to [0, 255], which :func:`resize` reproduces by clamping;
-tests/test_rewards_clip.py measures what is left.
+downsampling), and it is what torchvision's ``resize`` does on float tensors.
+
+The official scorers resize in one of two ways, and each transform below follows its own:
+
+- PIL images (transformers' ``CLIPImageProcessor`` for PickScore/CLIPScore, openai/CLIP's and BLIP's
+  torchvision ``Resize`` on PIL for the LAION aesthetic predictor and ImageReward): PIL stores uint8,
+  rounding after each separable pass and clipping the bicubic overshoot to [0, 255]. The transforms
+  reproduce the clipping by clamping to [0, 1] after the resize (``clamp=True``); the rounding is what
+  is left (tests/test_rewards_clip.py measures it).
+- float tensors (HPSv2's ``image_transform``: ``ToTensor`` *before* ``ResizeMaxSize``, so torchvision
+  resizes the float tensor): the overshoot is kept, nothing is clamped (``clamp=False``). Clamping
+  here would differ from the official transform by up to ~10/255 at sharp edges and zero the reward
+  gradient at every clipped pixel.
 
 Two layouts exist among the supported rewards:
 
@@ -34,10 +43,11 @@ OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def resize(images: torch.Tensor, height: int, width: int, clamp: bool = True) -> torch.Tensor:
-    """Antialiased bicubic resize, clamped to [0, 1] like PIL's uint8 output (``clamp=False``: torchvision).
+    """Antialiased bicubic resize; ``clamp=True`` clips to [0, 1] like a PIL uint8 resize, ``False``: torchvision.
 
-    Bicubic overshoots at edges; the official scorers all resize PIL images, whose uint8 storage clips
-    the overshoot, so clamping matches them (the gradient of a clipped pixel is zero, as it must be).
+    Bicubic overshoots at edges. A scorer that resizes PIL images gets the overshoot clipped by uint8
+    storage, so clamping matches it (a clipped pixel then has zero gradient, as in the official path);
+    a scorer that resizes float tensors (HPSv2) keeps it, so must not clamp.
     """
     if images.shape[-2:] == (height, width):
         return images
@@ -64,16 +74,17 @@ def center_crop(images: torch.Tensor, size: int, rounding: Literal["floor", "rou
     return images[..., top : top + size, left : left + size]
 
 
-def resize_longest_and_pad(images: torch.Tensor, size: int, fill: float = 0.0) -> torch.Tensor:
+def resize_longest_and_pad(images: torch.Tensor, size: int, fill: float = 0.0, clamp: bool = False) -> torch.Tensor:
     """HPSv2's ``ResizeMaxSize``: longer side to ``size`` (shorter ``round(dim * scale)``), zero-pad to square.
 
-    Unlike the official transform (which skips padding when the longer side already equals
+    The official transform resizes a float tensor (``ToTensor`` comes first), so by default nothing is
+    clamped. Unlike the official transform (which skips padding when the longer side already equals
     ``size``, leaving a non-square image the model cannot take), this always pads to a square.
     """
     h, w = images.shape[-2:]
     scale = size / float(max(h, w))
     new_h, new_w = round(h * scale), round(w * scale)
-    out = resize(images, new_h, new_w)
+    out = resize(images, new_h, new_w, clamp=clamp)
     pad_h, pad_w = size - new_h, size - new_w
     # torch's pad order is (left, right, top, bottom); torchvision's [left, top, right, bottom] with the
     # same split: left/top get pad // 2, right/bottom the rest.
@@ -95,16 +106,19 @@ class ImageTransform:
     crop_rounding: Literal["floor", "round"] = "floor"
     mean: tuple[float, ...] = OPENAI_MEAN
     std: tuple[float, ...] = OPENAI_STD
+    #: clip the resize's overshoot to [0, 1]: True for scorers that resize PIL (uint8) images, False for tensors
+    clamp: bool = True
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"images: expected B×3×H×W in [0, 1], got shape {tuple(images.shape)}")
         images = images.float() if not images.is_floating_point() else images
         if self.layout == "pad":
-            out = resize_longest_and_pad(images, self.size)
+            out = resize_longest_and_pad(images, self.size, clamp=self.clamp)
         else:
             h, w = images.shape[-2:]
-            out = center_crop(resize(images, *shortest_edge_size(h, w, self.size)), self.size, self.crop_rounding)
+            resized = resize(images, *shortest_edge_size(h, w, self.size), clamp=self.clamp)
+            out = center_crop(resized, self.size, self.crop_rounding)
         return normalize(out, self.mean, self.std)
 
 
@@ -112,5 +126,5 @@ class ImageTransform:
 HF_CLIP = ImageTransform(layout="crop", crop_rounding="floor")
 #: openai/CLIP's ``_transform`` / torchvision Resize + CenterCrop (LAION aesthetic, ImageReward).
 TORCHVISION_CLIP = ImageTransform(layout="crop", crop_rounding="round")
-#: open_clip's ``image_transform(resize_longest_max=True)`` (HPSv2).
-HPS_PAD = ImageTransform(layout="pad")
+#: open_clip's ``image_transform(resize_longest_max=True)`` (HPSv2): ToTensor, then the float resize, no clamp.
+HPS_PAD = ImageTransform(layout="pad", clamp=False)

@@ -118,6 +118,8 @@ def restore(run: Run, path: Path) -> None:
     state = meta["state"]
     run.history, run.before = state["history"], state["before"]
     run.skipped, run.consecutive_skips = int(state.get("skipped", 0)), int(state.get("consecutive_skips", 0))
+    if run.guard is not None:
+        run.guard.load_state_dict(state.get("guard"))
 
 
 def save_run_checkpoint(run: Run) -> Path:
@@ -143,6 +145,7 @@ def save_run_checkpoint(run: Run) -> Path:
             "before": run.before,
             "skipped": run.skipped,
             "consecutive_skips": run.consecutive_skips,
+            "guard": run.guard.state_dict() if run.guard is not None else None,
         }
         path = save_checkpoint(
             run.run_dir,

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from flowbp.config import TrainConfig
+
+if TYPE_CHECKING:  # annotations only: the CLI imports TrainingStopped without paying for torch
+    import torch
 
 
 class TrainingStopped(RuntimeError):
@@ -45,6 +46,7 @@ class Run:
     skipped: int = 0  # non-finite steps skipped so far
     consecutive_skips: int = 0
     stop_signal: int | None = None  # set by the SIGTERM / SIGINT handler; acted on after the step
+    guard: Any = None  # flowbp.guard.Guard when the config has a guard list
 
     @property
     def is_main(self) -> bool:

@@ -1,0 +1,524 @@
+"""The reward-hacking guard: stop (or warn) when a held-out metric has clearly fallen since step 0.
+
+A ``guard:`` list in the training config names held-out metrics and a tolerance for each::
+
+    eval_every: 10
+    guard:
+      - {metric: heldout-correct, tolerance: 0.02, action: stop}
+      - {metric: heldout-fd, tolerance: 1.0, action: warn}
+
+At step 0 and at every periodic evaluation (``eval_every``) the run samples the same images
+(prompt × seed, :func:`flowbp.evaluate.plan_keys`), so every image at step t has a twin at step 0.
+
+The decision rule, for one guarded metric with tolerance ε (in the metric's own units):
+
+    d_k = s · (m_k(t) − m_k(0))            one paired change per image k = (prompt, seed);
+                                           s = +1 if higher is better, −1 if lower is better
+    [lo, hi] = Student-t 95% interval of mean_k d_k          (flowbp.stats.mean_ci)
+    triggered  ⇔  hi < −ε                  "fallen by more than ε, and the interval excludes ε"
+
+so a drop inside the tolerance never triggers, and a drop larger than ε triggers only once the
+evaluation is precise enough to say so. The unit is the image: conditionally on the fixed evaluation
+prompts the per-image differences are independent, and pooling prompts into one variance estimate
+over-states the variance of the (stratified) mean, so the interval is conservative.
+
+Fréchet distance is not a per-image quantity. ``heldout-fd`` (digits) is guarded with a *paired
+bootstrap*: resample the image keys with replacement (the same keys at step 0 and at step t), take
+FD(step t) − FD(step 0) against the fixed real reference on each resample, and use the 2.5 / 97.5
+percentiles of that difference as the interval (its point estimate is the difference on all images).
+Pairing keeps the shared variation of the two sets out of the interval, exactly as for per-image metrics.
+
+``action: warn`` logs, and records the event in summary.json; ``action: stop`` also ends training
+cleanly after a checkpoint (exit status 0; summary.json says why). Every evaluation that no guard
+flags writes a checkpoint, hard-linked to ``RUN/guard/last-good`` (pruning of old checkpoints cannot
+remove it); summary.json names it. The guard's state (baseline, evaluations, events) is part of every
+checkpoint, so a resumed run keeps it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flowbp.stats import mean_ci
+
+ACTIONS = ("warn", "stop")
+#: Metrics the guard computes itself from the evaluation images (not per-image scores), per backbone.
+SET_METRICS: dict[str, tuple[str, ...]] = {"digits": ("heldout-fd",)}
+#: Metrics for which a lower value is better (everything else: higher is better).
+LOWER_IS_BETTER = frozenset({"heldout-fd"})
+BOOTSTRAP_RESAMPLES = 400
+GUARD_DIR = "guard"
+LAST_GOOD = "last-good"
+
+
+@dataclass(frozen=True)
+class GuardRule:
+    metric: str
+    tolerance: float
+    action: str = "stop"
+
+    @property
+    def sign(self) -> float:
+        """+1 when higher is better: a negative signed change is always a fall."""
+        return -1.0 if self.metric in LOWER_IS_BETTER else 1.0
+
+
+def parse_rules(raw: Any) -> tuple[GuardRule, ...]:
+    """The ``guard`` list of a config: each entry ``{metric, tolerance, action}``; one clear error per defect."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, (list, tuple)):
+        raise ValueError(f"guard: must be a list of {{metric, tolerance, action}} entries, got {raw!r}")
+    rules = []
+    for k, entry in enumerate(raw):
+        name = f"guard[{k}]"
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"{name}: must be a mapping {{metric, tolerance, action}}, got {entry!r}")
+        unknown = sorted(set(entry) - {"metric", "tolerance", "action"})
+        if unknown:
+            raise ValueError(f"{name}: unknown key {unknown[0]!r}; allowed: metric, tolerance, action")
+        metric = entry.get("metric")
+        if not isinstance(metric, str) or not metric.strip():
+            raise ValueError(f"{name}.metric: must be a metric name, got {metric!r}")
+        tol = entry.get("tolerance")
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
+            raise ValueError(f"{name}.tolerance: must be a finite number >= 0 in the metric's units, got {tol!r}")
+        action = entry.get("action", "stop")
+        if action not in ACTIONS:
+            raise ValueError(f"{name}.action: got {action!r}; allowed: {', '.join(ACTIONS)}")
+        rules.append(GuardRule(metric.strip(), float(tol), action))
+    seen = [r.metric for r in rules]
+    dup = next((m for m in seen if seen.count(m) > 1), None)
+    if dup is not None:
+        raise ValueError(f"guard: metric {dup!r} is guarded twice; give each metric one entry")
+    return tuple(rules)
+
+
+def guardable_metrics(config: Any, backbone_name: str) -> list[str]:
+    """What a guard may watch: every metric of the periodic evaluation, plus the backbone's set metrics."""
+    from flowbp.evaluate import eval_metric_specs
+
+    return [*eval_metric_specs(config, backbone_name), *SET_METRICS.get(backbone_name, ())]
+
+
+def check_config(config: Any) -> None:
+    """Everything about ``guard`` that can be checked before anything runs (called with the components)."""
+    rules = parse_rules(config.guard)
+    if not rules:
+        return
+    if not config.eval_every:
+        raise ValueError("guard: needs periodic evaluation; set eval_every to a positive number of steps")
+    known = guardable_metrics(config, config.backbone)
+    for k, rule in enumerate(rules):
+        if rule.metric not in known:
+            raise ValueError(
+                f"guard[{k}].metric: {rule.metric!r} is not evaluated for backbone {config.backbone!r}; "
+                f"allowed: {', '.join(known)} (other metrics: add them to eval_metrics)"
+            )
+
+
+# ----------------------------------------------------------------------------- the decision rule
+def paired_change(before: Sequence[float] | torch.Tensor, after: Sequence[float] | torch.Tensor, sign: float) -> dict:
+    """Mean and Student-t interval of the signed per-unit change s·(after − before) (negative: worse)."""
+    b = torch.as_tensor(before, dtype=torch.float64).flatten()
+    a = torch.as_tensor(after, dtype=torch.float64).flatten()
+    if a.shape != b.shape:
+        raise ValueError(f"guard: paired values need the same images, got {b.numel()} and {a.numel()}")
+    return mean_ci(sign * (a - b))
+
+
+def fd_paired_change(
+    before: torch.Tensor,
+    after: torch.Tensor,
+    reference: torch.Tensor,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+) -> dict:
+    """Paired bootstrap of −(FD(after) − FD(before)) over image keys (lower FD is better, so a fall is < 0)."""
+    from flowbp.testbed.heldout_metrics import frechet_distance_from_features as fd
+
+    if before.shape != after.shape:
+        raise ValueError(
+            f"guard: paired features need the same images, got {tuple(before.shape)} and {tuple(after.shape)}"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    n = before.shape[0]
+    point = -(fd(after, reference) - fd(before, reference))
+    draws = []
+    for _ in range(resamples):
+        idx = torch.randint(0, n, (n,), generator=gen)
+        draws.append(-(fd(after[idx], reference) - fd(before[idx], reference)))
+    d = torch.tensor(draws, dtype=torch.float64)
+    lo, hi = torch.quantile(d, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {
+        "mean": point,
+        "ci95_low": lo,
+        "ci95_high": hi,
+        "half": (hi - lo) / 2,
+        "std": float(d.std()),
+        "n": n,
+        "interval": f"paired bootstrap ({resamples} resamples)",
+    }
+
+
+def triggered(change: Mapping[str, float], tolerance: float) -> bool:
+    """Fallen by more than the tolerance, with the interval excluding it: the upper bound is below −ε."""
+    return bool(change["ci95_high"] < -tolerance)
+
+
+# ----------------------------------------------------------------------------- values of one evaluation
+def _reference_features() -> torch.Tensor:
+    """The real ``test`` digits in the held-out feature space: the fixed reference of ``heldout-fd``."""
+    from flowbp.testbed.data import load_digits_split, to_rgb
+    from flowbp.testbed.heldout_metrics import heldout_features
+
+    return heldout_features(to_rgb(load_digits_split("test")[0])).double()
+
+
+def eval_values(
+    rules: Sequence[GuardRule], images: Sequence[torch.Tensor], scores: Mapping[str, Sequence[float]]
+) -> dict:
+    """Per guarded metric: per-image scores (a list) or, for FD, the images' held-out features (N × 64)."""
+    from flowbp.evaluate import to_float
+
+    out: dict[str, Any] = {}
+    for rule in rules:
+        if rule.metric == "heldout-fd":
+            from flowbp.testbed.heldout_metrics import heldout_features
+
+            x = to_float(torch.stack(list(images)))
+            out[rule.metric] = heldout_features(x).double()
+        else:
+            out[rule.metric] = [float(v) for v in scores[rule.metric]]
+    return out
+
+
+def _to_json(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v.tolist() if isinstance(v, torch.Tensor) else list(v) for k, v in values.items()}
+
+
+# ----------------------------------------------------------------------------- the guard and its state
+@dataclass
+class Guard:
+    """The rules, the step-0 baseline, every evaluation's verdict and what was done about it."""
+
+    rules: tuple[GuardRule, ...]
+    baseline: dict[str, Any] = field(default_factory=dict)  # metric -> per-image values (FD: features)
+    keys: list[list[int]] = field(default_factory=list)  # (prompt index, seed) of each image, in order
+    evaluations: list[dict[str, Any]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    last_good: dict[str, Any] | None = None  # {"step", "checkpoint"}
+    stopped: dict[str, Any] | None = None
+    _reference: torch.Tensor | None = None
+
+    @property
+    def has_baseline(self) -> bool:
+        return bool(self.baseline)
+
+    def set_baseline(self, keys: Sequence[Sequence[int]], values: Mapping[str, Any], reward: float | None) -> None:
+        self.keys = [list(k) for k in keys]
+        self.baseline = dict(values)
+        self.evaluations.append({"step": 0, "reward": reward, "metrics": {}, "flagged": []})
+
+    def observe(
+        self, step: int, keys: Sequence[Sequence[int]], values: Mapping[str, Any], reward: float | None
+    ) -> list[dict]:
+        """Compare one evaluation with step 0; returns the rules it triggered (an empty list: all clear)."""
+        if [list(k) for k in keys] != self.keys:
+            raise RuntimeError("guard: the evaluation images differ from step 0's (prompts or seeds changed)")
+        record: dict[str, Any] = {"step": step, "reward": reward, "metrics": {}, "flagged": []}
+        fired = []
+        for rule in self.rules:
+            if rule.metric in LOWER_IS_BETTER:
+                if self._reference is None:
+                    self._reference = _reference_features()
+                before = torch.as_tensor(self.baseline[rule.metric], dtype=torch.float64)
+                after = torch.as_tensor(values[rule.metric], dtype=torch.float64)
+                change = fd_paired_change(before, after, self._reference, seed=step)
+                from flowbp.testbed.heldout_metrics import frechet_distance_from_features as fd
+
+                value = fd(after, self._reference)
+            else:
+                change = paired_change(self.baseline[rule.metric], values[rule.metric], rule.sign)
+                value = float(torch.as_tensor(values[rule.metric], dtype=torch.float64).mean())
+            hit = triggered(change, rule.tolerance)
+            record["metrics"][rule.metric] = {
+                "value": value,
+                "change": change["mean"],
+                "ci95_low": change["ci95_low"],
+                "ci95_high": change["ci95_high"],
+                "tolerance": rule.tolerance,
+                "flagged": hit,
+            }
+            if hit:
+                record["flagged"].append(rule.metric)
+                event = {"step": step, "metric": rule.metric, "action": rule.action, **record["metrics"][rule.metric]}
+                self.events.append(event)
+                fired.append(event)
+        self.evaluations.append(record)
+        return fired
+
+    def message(self, event: Mapping[str, Any]) -> str:
+        rule = next(r for r in self.rules if r.metric == event["metric"])
+        direction = "higher" if rule.sign > 0 else "lower"
+        return (
+            f"guard: {event['metric']} has fallen since step 0 by more than its tolerance {rule.tolerance:g} at step "
+            f"{event['step']} (signed change {event['change']:+.4f}, 95% interval [{event['ci95_low']:+.4f}, "
+            f"{event['ci95_high']:+.4f}]; {direction} is better); action: {event['action']}"
+        )
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "rules": [{"metric": r.metric, "tolerance": r.tolerance, "action": r.action} for r in self.rules],
+            "stopped": self.stopped,
+            "events": self.events,
+            "last_good_checkpoint": self.last_good,
+            "evaluations": self.evaluations,
+            "decision_rule": "upper bound of the 95% paired interval of the signed change below -tolerance",
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "baseline": _to_json(self.baseline),
+            "keys": self.keys,
+            "evaluations": self.evaluations,
+            "events": self.events,
+            "last_good": self.last_good,
+            "stopped": self.stopped,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any] | None) -> None:
+        if not state:
+            return
+        self.baseline = {
+            k: torch.tensor(v, dtype=torch.float64) if k in LOWER_IS_BETTER else list(v)
+            for k, v in state["baseline"].items()
+        }
+        self.keys = [list(k) for k in state["keys"]]
+        self.evaluations = list(state["evaluations"])
+        self.events = list(state["events"])
+        self.last_good = state.get("last_good")
+        self.stopped = state.get("stopped")
+
+
+def make_guard(config: Any) -> Guard | None:
+    rules = parse_rules(config.guard)
+    return Guard(rules) if rules else None
+
+
+# ----------------------------------------------------------------------------- outputs
+def link_last_good(run_dir: Path, checkpoint: Path) -> Path:
+    """Hard-link ``checkpoint`` to RUN/guard/last-good (a copy where links are impossible), replacing the old one."""
+    target = Path(run_dir) / GUARD_DIR / LAST_GOOD
+    tmp = target.with_name(f".{LAST_GOOD}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(checkpoint, tmp, copy_function=link)
+    if target.exists():
+        old = target.with_name(f".{LAST_GOOD}.old-{os.getpid()}")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, target)
+    return target
+
+
+def pareto_figure(guard: Guard, title: str) -> Any:
+    """Training reward (evaluation mean) against each guarded metric at every evaluation, step-labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    evals = [e for e in guard.evaluations if e["reward"] is not None]
+    fig, axes = plt.subplots(1, len(guard.rules), figsize=(5 * len(guard.rules), 4), squeeze=False)
+    base = {r.metric: _baseline_value(guard, r) for r in guard.rules}
+    for ax, rule in zip(axes[0], guard.rules, strict=True):
+        xs, ys, flags, steps = [], [], [], []
+        for e in evals:
+            m = e["metrics"].get(rule.metric)
+            value = base[rule.metric] if e["step"] == 0 else (m["value"] if m else None)
+            if value is None:
+                continue
+            xs.append(e["reward"])
+            ys.append(value)
+            flags.append(bool(m and m["flagged"]))
+            steps.append(e["step"])
+        ax.plot(xs, ys, "-", color="0.7", zorder=1)
+        ax.scatter(
+            [x for x, f in zip(xs, flags, strict=True) if not f],
+            [y for y, f in zip(ys, flags, strict=True) if not f],
+            color="C0",
+            label="not flagged",
+            zorder=2,
+        )
+        ax.scatter(
+            [x for x, f in zip(xs, flags, strict=True) if f],
+            [y for y, f in zip(ys, flags, strict=True) if f],
+            color="C3",
+            marker="x",
+            label="flagged",
+            zorder=3,
+        )
+        for x, y, s in zip(xs, ys, steps, strict=True):
+            ax.annotate(str(s), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7)
+        if base[rule.metric] is not None:
+            limit = base[rule.metric] - rule.sign * rule.tolerance
+            ax.axhline(limit, color="C3", ls="--", lw=0.8, label=f"step 0 − tolerance ({rule.tolerance:g})")
+        ax.set_xlabel("training reward (evaluation mean)")
+        ax.set_ylabel(rule.metric + (" (lower is better)" if rule.sign < 0 else ""))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_pareto(path: Path, guard: Guard, title: str) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = pareto_figure(guard, title)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def _baseline_value(guard: Guard, rule: GuardRule) -> float | None:
+    if rule.metric not in guard.baseline:
+        return None
+    if rule.metric in LOWER_IS_BETTER:
+        from flowbp.testbed.heldout_metrics import frechet_distance_from_features as fd
+
+        if guard._reference is None:
+            guard._reference = _reference_features()
+        return fd(torch.as_tensor(guard.baseline[rule.metric], dtype=torch.float64), guard._reference)
+    return float(torch.as_tensor(guard.baseline[rule.metric], dtype=torch.float64).mean())
+
+
+def write_report(run_dir: Path, guard: Guard, title: str) -> None:
+    """RUN/guard/guard.json (the whole record) and RUN/guard/pareto.png."""
+    folder = Path(run_dir) / GUARD_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "guard.json").write_text(json.dumps(guard.summary(), indent=1) + "\n")
+    plot_pareto(folder / "pareto.png", guard, title)
+
+
+def log_tensorboard(writer: Any, guard: Guard, step: int, title: str) -> None:
+    """Scalars guard/<metric>/{change,ci95_high} and the Pareto figure at this evaluation."""
+    if writer is None or not guard.evaluations:
+        return
+    last = guard.evaluations[-1]
+    for name, m in last["metrics"].items():
+        writer.add_scalar(f"guard/{name}/change", m["change"], step)
+        writer.add_scalar(f"guard/{name}/ci95_high", m["ci95_high"], step)
+        writer.add_scalar(f"guard/{name}/flagged", float(m["flagged"]), step)
+    writer.add_figure("guard/pareto", pareto_figure(guard, title), step)  # closes the figure
+
+
+def print_event(guard: Guard, event: Mapping[str, Any]) -> None:
+    print(guard.message(event), file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- training-loop hooks
+def _observe_eval(run: Any, kept: Mapping[str, Any]) -> tuple[list, dict, float | None]:
+    guard: Guard = run.guard
+    scores = kept["scores"]
+    reward_spec = kept["specs"][0]  # eval_metric_specs puts the training reward first (unless eval_metrics)
+    reward = float(torch.tensor(scores[reward_spec], dtype=torch.float64).mean()) if reward_spec in scores else None
+    values = eval_values(guard.rules, kept["image_set"].images, scores)
+    return [list(k) for k in kept["image_set"].keys], values, reward
+
+
+def on_start(run: Any) -> None:
+    """Step 0: the baseline every later evaluation is paired with (written to RUN/eval/step-000000 too)."""
+    from flowbp.evaluate import periodic_eval
+
+    guard: Guard | None = run.guard
+    if guard is None or guard.has_baseline:
+        return
+    kept: dict[str, Any] = {}
+    periodic_eval(run, keep=kept)
+    keys, values, reward = _observe_eval(run, kept)
+    guard.set_baseline(keys, values, reward)
+
+
+def on_eval(run: Any, kept: Mapping[str, Any], checkpoint: Any) -> dict[str, Any]:
+    """Judge one periodic evaluation; checkpoint it when no guard flags it. Returns the record for history.json.
+
+    ``checkpoint(run) -> Path`` is the training loop's checkpoint writer (a collective: every rank calls
+    this, and every rank reaches the same verdict, since the evaluation is replicated).
+    """
+    from flowbp.checkpoint import checkpoint_dir
+
+    guard: Guard = run.guard
+    keys, values, reward = _observe_eval(run, kept)
+    fired = guard.observe(run.step, keys, values, reward)
+    if not fired:
+        path = checkpoint_dir(run.run_dir, run.step)
+        guard.last_good = {
+            "step": run.step,
+            "checkpoint": str(Path(run.run_dir) / GUARD_DIR / LAST_GOOD),
+            "written_as": path.name,
+        }
+        path = checkpoint(run)
+        if run.is_main:
+            link_last_good(run.run_dir, path)
+    stops = [e for e in fired if e["action"] == "stop"]
+    if stops:
+        guard.stopped = {
+            "step": run.step,
+            "metrics": [e["metric"] for e in stops],
+            "reason": "; ".join(guard.message(e) for e in stops),
+        }
+    if run.is_main:
+        for event in fired:
+            print_event(guard, event)
+        if stops:
+            print(
+                f"flowbp train: stopped by the guard after step {run.step}; the last checkpoint no guard flagged "
+                f"is {(guard.last_good or {}).get('checkpoint', 'none (flagged at the first evaluation)')}",
+                file=sys.stderr,
+                flush=True,
+            )
+        log_tensorboard(run.writer, guard, run.step, f"{run.config.method} on {run.config.backbone}")
+    return guard.evaluations[-1]
+
+
+def stopped(run: Any) -> bool:
+    return run.guard is not None and run.guard.stopped is not None
+
+
+def on_finish(run: Any, summary: dict[str, Any]) -> None:
+    """summary.json's ``guard`` (what it did, the last unflagged checkpoint), RUN/guard/{guard.json,pareto.png}."""
+    guard: Guard | None = run.guard
+    if guard is None:
+        return
+    s = guard.summary()
+    summary["guard"] = {k: v for k, v in s.items() if k != "evaluations"}
+    summary["guard"]["outcome"] = (
+        f"stopped at step {guard.stopped['step']}"
+        if guard.stopped
+        else (f"warned {len(guard.events)} time(s)" if guard.events else "never triggered")
+    )
+    if run.is_main:
+        write_report(run.run_dir, guard, f"{run.config.method} on {run.config.backbone}: reward vs guarded metrics")
