@@ -82,26 +82,73 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 # ----------------------------------------------------------------------------- optimizer flattening
+#: Optimizer-state tensor subclasses a checkpoint may rebuild (by name, from their plain parts: never
+#: unpickled). torchao's 8-bit AdamW keeps its moments as OptimState8bit (uint8 codes + block scales).
+_STATE_SUBCLASSES = {"OptimState8bit": "torchao.optim.subclass_8bit"}
+_SUBCLASS_KEY = "__subclasses__"
+
+
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for pid, entries in state["state"].items():
         for key, value in entries.items():
-            if isinstance(value, torch.Tensor):
+            if type(value).__name__ in _STATE_SUBCLASSES:  # stored as its plain tensors + attributes
+                names, attrs = value.__tensor_flatten__()
+                for name in names:
+                    tensors[f"{pid}.{key}.{name}"] = getattr(value, name).detach().cpu().contiguous()
+                sub = scalars.setdefault(str(pid), {}).setdefault(_SUBCLASS_KEY, {})
+                sub[key] = {"class": type(value).__name__, "names": list(names), "attrs": list(attrs)}
+            elif isinstance(value, torch.Tensor):
                 tensors[f"{pid}.{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars.setdefault(str(pid), {})[key] = value
-    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+    # torchao's optimizers keep the learning rate as a 0-d tensor (so that a schedule can fill_ it):
+    # stored as a number, with the names of such keys, and made a tensor again on load
+    groups, tensor_keys = [], sorted({k for g in state["param_groups"] for k, v in g.items()
+                                      if isinstance(v, torch.Tensor)})
+    for group in state["param_groups"]:
+        groups.append({k: v.item() if isinstance(v, torch.Tensor) else v for k, v in group.items()})
+    meta: dict[str, Any] = {"param_groups": groups, "scalars": scalars}
+    if tensor_keys:
+        meta["tensor_group_keys"] = tensor_keys
+    return tensors, meta
+
+
+def _numbers(value: Any) -> Any:
+    """``value`` with every 0-d tensor (in dicts and lists) replaced by its number, for ``state.json``."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _numbers(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_numbers(v) for v in value]
+    return value
 
 
 def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    import importlib
+
     state: dict[int, dict[str, Any]] = {}
     for name, value in tensors.items():
         pid, key = name.split(".", 1)
         state.setdefault(int(pid), {})[key] = value
     for pid, entries in meta["scalars"].items():
-        state.setdefault(int(pid), {}).update(entries)
-    return {"state": state, "param_groups": meta["param_groups"]}
+        entries = dict(entries)
+        slot = state.setdefault(int(pid), {})
+        for key, spec in entries.pop(_SUBCLASS_KEY, {}).items():
+            if spec["class"] not in _STATE_SUBCLASSES:
+                raise CheckpointError(f"optimizer state {pid}.{key}: unknown tensor type {spec['class']!r}")
+            cls = getattr(importlib.import_module(_STATE_SUBCLASSES[spec["class"]]), spec["class"])
+            parts = {n: slot.pop(f"{key}.{n}") for n in spec["names"]}
+            slot[key] = cls.__tensor_unflatten__(parts, spec["attrs"], None, None)
+        slot.update(entries)
+    groups = [
+        {k: torch.tensor(v, dtype=torch.float32) if k in meta.get("tensor_group_keys", ()) else v
+         for k, v in group.items()}
+        for group in meta["param_groups"]
+    ]
+    return {"state": state, "param_groups": groups}
 
 
 # ----------------------------------------------------------------------------- save
@@ -152,7 +199,7 @@ def save_checkpoint(
         "step": step,
         "world_size": len(rng_states),
         "optimizer": opt_meta,
-        "scheduler": scheduler_state,
+        "scheduler": _numbers(scheduler_state),  # torchao's tensor learning rates as numbers
         "state": state,
         "config": config,
     }

@@ -8,6 +8,7 @@ of steps, α outside [0, 1], …) is one clear ``ValueError`` naming the key.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -70,6 +71,10 @@ class TrainConfig:
     lora_rank: int = 8
     lora_alpha: float | None = None
     lora_targets: list[str] | str | None = None  # module-name suffixes or one regex; None: the backbone's
+    # frozen-base memory modes (flowbp.memory_modes; `--dry-run --gpu-memory GIB` picks them for a GPU):
+    # the LoRA's frozen transformer stored weight-only quantized (torchao), and 8-bit AdamW moments
+    base_quantization: Literal["none", "int8", "float8", "nf4"] = "none"
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     adam_beta1: float = 0.9
@@ -168,6 +173,14 @@ class TrainConfig:
                 f"({self.gradient_accumulation_steps}); batch_size is the global batch per optimizer step"
             )
         self.trackers()  # validates log_with
+        if self.base_quantization != "none" and self.finetune != "lora":
+            raise ValueError(
+                f"base_quantization: {self.base_quantization!r} quantizes the frozen base under a LoRA; "
+                "with finetune: full the transformer trains (use none, or finetune: lora)"
+            )
+        for name, value in (("base_quantization", self.base_quantization), ("optimizer", self.optimizer)):
+            if value not in ("none", "adamw") and importlib.util.find_spec("torchao") is None:
+                raise ValueError(f"{name}: {value!r} needs the torchao package (pip install 'flowbp[quant]')")
         from flowbp.guard import parse_rules
 
         parse_rules(self.guard)  # the structure of each entry (the metric names are checked with the components)

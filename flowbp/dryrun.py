@@ -38,6 +38,8 @@ from flowbp.backbones.z_image import Z_IMAGE_LORA_TARGETS
 from flowbp.memory import saved_tensor_bytes, storage_key
 
 GiB = 1024**3
+#: the paper's launch: one node of 8 GPUs (the FSDP line of a one-process dry run shows this layout)
+FSDP_REFERENCE_PROCESSES = 8
 _BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
 
@@ -466,6 +468,10 @@ class Estimate:
     # global batch = processes × accumulation × micro-batch
     processes: int = 1
     accumulation: int = 1
+    processes_given: bool = True  # False: ``--processes`` was omitted and 1 was assumed (said in the report)
+    fsdp_layout: Estimate | None = None  # with one process: the estimate of the paper's 8-process layout
+    base_quantization: str = "none"
+    optimizer: str = "adamw"
 
     @property
     def global_batch(self) -> int:
@@ -490,14 +496,21 @@ class Estimate:
     def report(self) -> str:
         g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
         ckpt = " (per-call checkpointing: inputs kept, one call rebuilt)" if self.checkpointed_plan else ""
-        # FSDP shards over the processes actually asked for; with one, over the paper's 8 GPUs
-        gpus = self.processes if self.processes > 1 else 8
-        fsdp = (f"(--processes {gpus})" if self.processes > 1
-                else "(the paper's 8; this micro-batch's activations; --processes P for your layout)")
         procs = f"{self.processes} process{'es' if self.processes > 1 else ''}"
+        implicit = [] if self.processes_given else [
+            f"  no --processes: 1 process (one GPU holds all {self.global_batch // self.accumulation} samples of "
+            f"each micro-step); pass --processes P for P GPUs"
+        ]
+        modes = []
+        if self.base_quantization != "none":
+            modes.append(f"{self.base_quantization} base")
+        if self.optimizer != "adamw":
+            modes.append("8-bit AdamW")
+        mode_text = f", {', '.join(modes)}" if modes else ""
         return "\n".join([
-            f"dry run: {self.title} ({self.backbone}) × {self.method}, {self.finetune} fine-tuning, "
+            f"dry run: {self.title} ({self.backbone}) × {self.method}, {self.finetune} fine-tuning{mode_text}, "
             f"{self.resolution}² px, {self.dtype} compute (meta device: no weights loaded)",
+            *implicit,
             f"  micro-batch per process        {self.batch_size}  (global batch {self.global_batch} = "
             f"{procs} × {self.accumulation} accumulation × {self.batch_size})",
             f"  parameters            {self.parameters:>16,}",
@@ -510,8 +523,23 @@ class Estimate:
             f"  activations                    {g(self.activation_bytes)}",
             f"  estimated peak                 {g(self.peak_bytes)}  (floor: reward model and allocator overhead"
             " not included)",
-            f"  {f'per GPU, FSDP over {gpus} GPUs':<30} {g(self.sharded_peak_bytes(gpus))}  {fsdp}",
+            *self._fsdp_lines(),
         ])
+
+    def _fsdp_lines(self) -> list[str]:
+        """The FSDP line, always per process: the sharded weights plus the activations of the micro-batch
+        each process really holds (with one process: the paper's 8-GPU layout, estimated separately)."""
+        g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
+        if self.processes > 1:
+            return [f"  {f'per GPU, FSDP over {self.processes} GPUs':<30} "
+                    f"{g(self.sharded_peak_bytes(self.processes))}  (--processes {self.processes}: micro-batch "
+                    f"{self.batch_size} per process)"]
+        if self.fsdp_layout is None:
+            return [f"  FSDP: not estimated (the global batch {self.global_batch} does not split over "
+                    f"{FSDP_REFERENCE_PROCESSES} processes × {self.accumulation} accumulation); use --processes P"]
+        alt = self.fsdp_layout
+        return [f"  {f'per GPU, FSDP over {alt.processes} GPUs':<30} {g(alt.sharded_peak_bytes(alt.processes))}  "
+                f"(as with --processes {alt.processes}: micro-batch {alt.batch_size} per process)"]
 
 
 def plan_cost(method: str, method_args: dict[str, Any], num_steps: int, draws: int = 64) -> tuple[int, int, bool]:
@@ -544,6 +572,8 @@ def estimate(
     gradient_checkpointing: bool = True,
     vae_gradient_checkpointing: bool = False,
     ema: bool = True,
+    base_quantization: str = "none",
+    optimizer: str = "adamw",
     device: str | torch.device = "meta",
     transformer: nn.Module | None = None,
     vae: nn.Module | None = None,
@@ -561,6 +591,7 @@ def estimate(
     if model is None:
         model = build_meta(arch.transformer_class, arch.transformer_config, dtype)
     parameters = sum(p.numel() for p in model.parameters())
+    quantized_saving = _quantized_saving(model, base_quantization, _BYTES[dtype])
     if finetune == "lora":
         model.requires_grad_(False)
         targets = arch.lora_targets
@@ -590,15 +621,28 @@ def estimate(
     if finetune == "full":  # fp32 master weights + the bf16 copy autocast keeps for the forward
         weights += trainable * 4 + (trainable * elem if elem != 4 else 0)
     else:
-        weights += trainable * 4  # LoRA parameters stay fp32
-    optimizer = trainable * 4 * (3 + (1 if ema else 0))  # grad + 2 Adam moments (+ EMA), fp32
+        weights += trainable * 4 - quantized_saving  # LoRA parameters stay fp32 on the (quantized) base
+    moments = 8 if optimizer == "adamw" else 2  # adamw8bit: one byte per moment (block scales < 1 %)
+    optimizer_bytes = trainable * (4 + moments + (4 if ema else 0))  # grad + Adam moments (+ EMA)
     latent_numel = batch_size * arch.vae_latent_channels * side * side
     return Estimate(
         backbone=arch.backbone, title=arch.title, method=method, finetune=finetune, resolution=resolution,
         batch_size=batch_size, dtype=str(dtype).removeprefix("torch."), parameters=parameters, trainable=trainable,
         forward_bytes=forward, decode_bytes=decode, grad_forwards=forwards, reward_inputs=reward_inputs,
-        checkpointed_plan=ckpt_plan, weights_bytes=weights, optimizer_bytes=optimizer, latent_bytes=latent_numel * 4,
+        checkpointed_plan=ckpt_plan, weights_bytes=weights, optimizer_bytes=optimizer_bytes,
+        latent_bytes=latent_numel * 4, base_quantization=base_quantization, optimizer=optimizer,
     )
+
+
+def _quantized_saving(model: nn.Module, mode: str, elem: int) -> int:
+    """Bytes a weight-only quantized base saves over the compute dtype (the layers training quantizes)."""
+    if mode == "none":
+        return 0
+    from flowbp.memory_modes import quantizable, quantized_weight_bytes
+
+    dtype = {2: torch.bfloat16, 4: torch.float32}[elem]
+    layers = [m for m in model.modules() if quantizable(m, mode)]
+    return sum(m.weight.numel() * elem - quantized_weight_bytes(*m.weight.shape, mode, dtype) for m in layers)
 
 
 def micro_batch(batch_size: int, processes: int, accumulation: int) -> int:
@@ -614,23 +658,39 @@ def micro_batch(batch_size: int, processes: int, accumulation: int) -> int:
     return batch_size // shards
 
 
-def estimate_config(config: Any, processes: int = 1) -> Estimate:
+def estimate_config(config: Any, processes: int | None = None) -> Estimate:
     """The per-process estimate for a :class:`~flowbp.config.TrainConfig` launched on ``processes``
-    processes (``flowbp train --dry-run [--processes P]``): one micro-batch of the global batch."""
+    processes (``flowbp train --dry-run [--processes P]``): one micro-batch of the global batch.
+
+    ``processes=None`` (no ``--processes``) assumes one process and says so in the report; its FSDP
+    line is then estimated for the paper's 8-process layout, with that layout's micro-batch.
+    """
     if config.backbone not in ARCHITECTURES:
         known = ", ".join(sorted(a for a in ARCHITECTURES if a not in VARIANTS.values()))
         raise ValueError(f"backbone: --dry-run covers the full-size architectures ({known}), got {config.backbone!r}")
+    given = processes is not None
+    processes = processes if given else 1
     accumulation = config.gradient_accumulation_steps
     micro = micro_batch(config.batch_size, processes, accumulation)
     compute = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision)
     if compute is None:
         compute = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.dtype, torch.float32)
-    est = estimate(
-        ARCHITECTURES[VARIANTS.get(str(config.backbone_path), config.backbone)], config.method, config.method_args,
-        resolution=config.resolution or 512, batch_size=micro, num_steps=config.num_inference_steps,
-        finetune=config.finetune, lora_rank=config.lora_rank, dtype=compute, guidance_scale=config.guidance_scale,
-        detach_negative=config.detach_negative, gradient_checkpointing=config.gradient_checkpointing,
-        vae_gradient_checkpointing=config.vae_gradient_checkpointing, ema=config.ema,
-    )
-    est.processes, est.accumulation = processes, accumulation
+
+    def one(micro: int) -> Estimate:
+        return estimate(
+            ARCHITECTURES[VARIANTS.get(str(config.backbone_path), config.backbone)], config.method,
+            config.method_args,
+            resolution=config.resolution or 512, batch_size=micro, num_steps=config.num_inference_steps,
+            finetune=config.finetune, lora_rank=config.lora_rank, dtype=compute, guidance_scale=config.guidance_scale,
+            detach_negative=config.detach_negative, gradient_checkpointing=config.gradient_checkpointing,
+            vae_gradient_checkpointing=config.vae_gradient_checkpointing, ema=config.ema,
+            base_quantization=config.base_quantization, optimizer=config.optimizer,
+        )
+
+    est = one(micro)
+    est.processes, est.accumulation, est.processes_given = processes, accumulation, given
+    if processes == 1 and config.batch_size % (FSDP_REFERENCE_PROCESSES * accumulation) == 0:
+        alt = one(config.batch_size // (FSDP_REFERENCE_PROCESSES * accumulation))
+        alt.processes, alt.accumulation = FSDP_REFERENCE_PROCESSES, accumulation
+        est.fsdp_layout = alt
     return est

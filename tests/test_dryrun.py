@@ -111,13 +111,30 @@ def test_dry_run_estimates_one_micro_batch_per_process(capsys) -> None:
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "micro-batch per process        8  (global batch 64 = 4 processes × 2 accumulation × 8)" in out
-    assert "per GPU, FSDP over 4 GPUs" in out and "(--processes 4)" in out
+    assert "per GPU, FSDP over 4 GPUs" in out and "(--processes 4: micro-batch 8 per process)" in out
     assert main([*args[:-1], "3"]) == 2  # 64 is not divisible by 3 × 2
     err = capsys.readouterr().err
     assert "--processes: batch_size 64 (the global batch) is not divisible by processes (3)" in err
     assert "gradient_accumulation_steps (2) = 6" in err and len(err.strip().splitlines()) == 1
     assert main(["train", "--processes", "2"]) == 2
     assert "--processes: only with --dry-run" in capsys.readouterr().err
+
+
+def test_dry_run_without_processes_says_one_process_and_shards_the_8_gpu_micro_batch(capsys) -> None:
+    """No --processes: one process holds the global batch, and says so; the FSDP line is the paper's 8-GPU
+    layout with ITS micro-batch (64 / 8 = 8 per process), not the whole global batch on every GPU."""
+    cfg = load_config("sd35-refl", {"resolution": 128})
+    alone = estimate_config(cfg)
+    eight = estimate_config(cfg, processes=8)
+    assert (alone.batch_size, alone.processes, alone.processes_given) == (64, 1, False)
+    assert alone.fsdp_layout is not None and alone.fsdp_layout.batch_size == 8
+    assert alone.fsdp_layout.sharded_peak_bytes(8) == eight.sharded_peak_bytes(8)
+    assert eight.sharded_peak_bytes(8) < alone.peak_bytes / 4
+    text = alone.report()
+    assert "no --processes: 1 process (one GPU holds all 64 samples of each micro-step)" in text
+    gib = eight.sharded_peak_bytes(8) / 1024**3
+    assert f"per GPU, FSDP over 8 GPUs      {gib:.2f} GiB  (as with --processes 8: micro-batch 8 per process)" in text
+    assert "no --processes" not in eight.report()
 
 
 # the transformers of issue 17 at full size: counts computed on meta from the published configs

@@ -23,11 +23,24 @@ def run(args: argparse.Namespace) -> int:
             overrides[key] = value
     if args.output_dir is not None:
         overrides["output_dir"] = args.output_dir
+    if args.gpu_memory is not None and not args.dry_run:
+        raise ValueError("--gpu-memory: only with --dry-run (it plans a recipe; it does not limit a run)")
+    if args.gpu_memory is not None and not args.gpu_memory > 0:
+        raise ValueError(f"--gpu-memory: must be a positive number of GiB, got {args.gpu_memory:g}")
     if args.dry_run:  # memory estimate of the full-size architecture on the meta device; nothing is written
+        config = load_config(args.config, overrides)
+        if args.gpu_memory is not None:  # the planner: the fastest recipe that fits
+            from flowbp.planner import plan_config
+
+            processes = 1 if args.processes is None else args.processes
+            if args.processes is None:
+                print("--processes not given: planning for 1 process (one GPU)", flush=True)
+            plan = plan_config(config, args.gpu_memory, processes)
+            print(plan.report(args.config))
+            return 0 if plan.fits else 1
         from flowbp.dryrun import estimate_config
 
-        processes = 1 if args.processes is None else args.processes
-        print(estimate_config(load_config(args.config, overrides), processes=processes).report())
+        print(estimate_config(config, processes=args.processes).report())
         return 0
     if args.processes is not None:
         raise ValueError("--processes: only with --dry-run (a run takes its processes from its launcher)")
@@ -123,5 +136,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="P",
         help="with --dry-run: processes (GPUs) the run will use; memory is estimated for one micro-batch, "
         "batch_size / (P × gradient_accumulation_steps) (default 1)",
+    )
+    p.add_argument(
+        "--gpu-memory",
+        type=float,
+        metavar="GIB",
+        help="with --dry-run: plan the fastest recipe (micro-batch, checkpointing, quantized base, 8-bit AdamW, "
+        "FSDP2) whose estimated peak fits GIB per GPU; prints it as --set overrides (exit 1 if none fits)",
     )
     p.set_defaults(func=run)

@@ -60,7 +60,9 @@ def make_trainable(config: TrainConfig, backbone: Any) -> torch.nn.Module:
     model = backbone.transformer
     torch.manual_seed(config.seed)  # peft draws the LoRA A matrices from the global generator
     if config.finetune == "lora":
-        backbone.add_lora(config.lora_rank, config.lora_alpha, config.lora_targets)
+        from flowbp.memory_modes import add_lora_on_quantized_base
+
+        add_lora_on_quantized_base(backbone, config)  # base_quantization: none is the plain add_lora
     else:
         model.requires_grad_(True)
     model.eval()  # no dropout: the re-forwarded velocities must equal the cached ones
@@ -68,8 +70,11 @@ def make_trainable(config: TrainConfig, backbone: Any) -> torch.nn.Module:
 
 
 def make_optimizer(config: TrainConfig, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(
+    from flowbp.memory_modes import make_adamw
+
+    return make_adamw(  # optimizer: adamw (fp32 moments) or adamw8bit
         parameters,
+        config.optimizer,
         lr=config.learning_rate,
         betas=(config.adam_beta1, config.adam_beta2),
         eps=config.adam_eps,
