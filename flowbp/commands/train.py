@@ -60,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError("--output-dir: required when launching several processes")
             config = load_config(args.config, {**overrides, "output_dir": str(default_run_dir(config))})
         run_dir = Path(config.output_dir)
+        from flowbp.train import train  # torch, accelerate, diffusers: only once the input is known good
+
         summary = train(config)  # prints "run directory: …" once the folder exists
     if summary is not None and main_process:  # one report, from the main process
         from flowbp.report import fmt, fmt_ci
