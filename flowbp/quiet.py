@@ -3,6 +3,8 @@
 - transformers warns, once per class, that ``CLIPImageProcessor`` / ``SiglipImageProcessor`` "requires
   torchvision (not installed)" when diffusers resolves its pipeline classes. flowbp preprocesses images
   in torch and never uses those processors; torchvision is deliberately not a dependency.
+- torchao (the optional memory modes, pinned to 0.16 for its tensor layouts) warns on import that it skips its
+  C++ extensions when its build does not match torch; flowbp's weight-only modes use its Python paths only.
 - transformers' tokenizer warns "Token indices sequence length is longer than the specified maximum"
   for every long prompt, although the pipelines truncate explicitly (so no indexing error can follow).
 - diffusers' pipelines log the truncated part of a long prompt verbatim: with many long prompts that is
@@ -19,6 +21,7 @@ import re
 
 _DROPPED = (
     ("transformers.utils.import_utils", "requires torchvision (not installed); falling back to"),
+    ("torchao", "Skipping import of cpp extensions due to incompatible torch version"),
     ("transformers.tokenization_utils_base", "Token indices sequence length is longer than the specified maximum"),
 )
 _TRUNCATED = re.compile(r"(The following part of your input was truncated because .*?tokens)\s*:\s*(.*)", re.S)

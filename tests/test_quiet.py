@@ -52,8 +52,14 @@ def test_filters_drop_only_the_named_messages(collect) -> None:
     logging.getLogger("transformers.tokenization_utils_base").warning(
         "Token indices sequence length is longer than the specified maximum sequence length for this model (9 > 7)."
     )
+    torchao = collect("torchao")
+    logging.getLogger("torchao").warning(
+        "Skipping import of cpp extensions due to incompatible torch version 2.13.0+cpu for torchao version 0.16.0"
+    )
+    logging.getLogger("torchao").warning("a torchao message flowbp does not know")
     assert imports.messages == ["something else entirely"]
     assert tokenizer.messages == []
+    assert torchao.messages == ["a torchao message flowbp does not know"]
     assert len([f for f in log.filters if "Drop" in type(f).__name__]) == 1
 
 
