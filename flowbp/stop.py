@@ -5,6 +5,11 @@ Training's SIGTERM / SIGINT handler calls :func:`request`; the sampling and scor
 signal that arrives during a long evaluation stops it within one batch instead of after it, and the
 trainer turns the exception into a checkpoint and a resumable exit. Nothing here installs a handler:
 outside training no request is ever made and :func:`check` costs one comparison.
+
+Under several processes :func:`check` never raises: the stop waits for the end of the step, where the
+ranks agree on it (a collective). One rank leaving an evaluation early, while the others go on, would
+desynchronise their collectives (FSDP gathers the weights in every forward; a signal need not reach every
+rank, nor at the same batch).
 """
 
 from __future__ import annotations
@@ -37,6 +42,12 @@ def requested() -> int | None:
 
 
 def check() -> None:
-    """Raise :class:`StopRequested` when a stop was requested (call it between batches)."""
-    if _requested is not None:
+    """Raise :class:`StopRequested` when a stop was requested (call it between batches); one process only."""
+    if _requested is not None and not _several_processes():
         raise StopRequested(_requested)
+
+
+def _several_processes() -> bool:
+    import torch.distributed as dist  # imported by the trainer already: the only caller that requests a stop
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

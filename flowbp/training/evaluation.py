@@ -51,9 +51,10 @@ def evaluate_run(run: Run, when: str = "before training") -> EvalResult:
     per_prompt = eval_size(c)[1]
     n = len(run.eval_prompts) * per_prompt
     with eval_model(run):
+        # every rank times the same model call: under FSDP a forward is a collective (weights are gathered)
+        seconds = estimate_seconds(run.backbone, run.eval_prompts, n, c.num_inference_steps, c.guidance_scale,
+                                   c.eval_batch_size)
         if run.is_main:
-            seconds = estimate_seconds(run.backbone, run.eval_prompts, n, c.num_inference_steps, c.guidance_scale,
-                                       c.eval_batch_size)
             skip = "; eval_at_start: false skips this one" if when == "before training" else ""
             print(
                 f"flowbp train: evaluation {when}: {n} images ({len(run.eval_prompts)} prompts × {per_prompt}), "
