@@ -100,6 +100,14 @@ def reward_names() -> frozenset[str]:
 
 
 @functools.cache
+def judge_names() -> frozenset[str]:
+    """Evaluation-only metrics (vision-language judges): named in a training reward, they get their own error."""
+    module = _tree(PACKAGE / "rewards" / "__init__.py")
+    table = _dict_tables(module).get("JUDGES")
+    return frozenset(_keys(table, module)) if table is not None else frozenset()
+
+
+@functools.cache
 def backbone_names() -> frozenset[str]:
     module = _tree(PACKAGE / "backbones" / "__init__.py")
     table = _dict_tables(module).get("BACKBONES")
@@ -118,7 +126,8 @@ def check_names(method: str, reward: str | Mapping[str, Any], backbone: str) -> 
     methods, rewards, backbones = method_names(), reward_names(), backbone_names()
     if methods and method not in methods:
         raise ValueError(f"method: unknown method {method!r}; known methods: {', '.join(sorted(methods))}")
-    unknown = [n for n in reward_spec_names(reward) if n not in rewards]
+    judges = judge_names()
+    unknown = [n for n in reward_spec_names(reward) if n not in rewards and n not in judges]
     if rewards and unknown:
         raise ValueError(f"reward: unknown reward(s) {unknown}; known rewards: {', '.join(sorted(rewards))}")
     if backbones and backbone not in backbones:

@@ -34,7 +34,7 @@ def test_suite_paper_on_tiny_models(tiny_sd3_dir, tmp_path: Path, monkeypatch, c
 
     monkeypatch.setattr(ev, "generate", generate)
     with FakeJudgeServer(MODEL) as server:
-        common = ["eval", "--suite", "paper", "--backbone", "sd3", "--model", str(tiny_sd3_dir), "--prompts",
+        common = ["eval", "--suite", "paper", "--backbone", "sd3", "--backbone-path", str(tiny_sd3_dir), "--prompts",
                   str(prompts), "--resolution", "32", "--reward-path", f"pickscore={clip_dir}",
                   "--judge-url", server.url, "--judge-model", MODEL, "--no-progress"]
         base, tuned = tmp_path / "base", tmp_path / "tuned"
@@ -51,7 +51,7 @@ def test_suite_paper_on_tiny_models(tiny_sd3_dir, tmp_path: Path, monkeypatch, c
 
     summary = json.loads((tuned / "summary.json").read_text())
     assert summary["suite"] == "paper" and sorted(summary["skipped_metrics"]) == sorted(skipped)
-    assert summary["seed"] == 42 and summary["images_per_prompt"] == 1 and summary["guidance"] == 3.5
+    assert summary["seed"] == 42 and summary["images_per_prompt"] == 1 and str(summary["guidance"]).startswith("3.5 ")
     assert set(summary["suite_overridden"]) == {"prompts", "steps", "resolution"}  # the suite's 40 steps, 512 px
     assert list(summary["metrics"]) == ["pickscore", "unifiedreward-align", "unifiedreward-iq"]
     assert sorted(p.name for p in (tuned / "images").iterdir()) == ["p0000_s42.png", "p0001_s42.png", "p0002_s42.png"]
@@ -97,7 +97,7 @@ def test_suite_paper_with_nothing_available_stops_before_sampling(tiny_sd3_dir, 
     prompts = tmp_path / "p.txt"
     prompts.write_text("a red car\n")
     out = tmp_path / "run"
-    code = main(["eval", "--suite", "paper", "--backbone", "sd3", "--model", str(tiny_sd3_dir), "--prompts",
+    code = main(["eval", "--suite", "paper", "--backbone", "sd3", "--backbone-path", str(tiny_sd3_dir), "--prompts",
                  str(prompts), "--resolution", "32", "--steps", "2", "--out", str(out), "--no-progress"])
     captured = capsys.readouterr()
     assert code == 2 and not out.exists()
