@@ -293,6 +293,20 @@ class DiffusersBackbone:
         """μ for dynamic shifting; families override (FLUX.1: from the sequence length; FLUX.2: also from N)."""
         raise ValueError(f"scheduler: dynamic shifting is not supported by the {self.name} backbone")
 
+    def sequence_length_mu(self) -> float:
+        """diffusers' ``calculate_shift`` (one function, copied verbatim into the FLUX.1, Qwen-Image and Z-Image
+        pipelines) on the family's ``image_seq_len()``, with the scheduler config's bounds."""
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        config = self.scheduler.config
+        return float(calculate_shift(
+            self.image_seq_len(),
+            config.get("base_image_seq_len", 256),
+            config.get("max_image_seq_len", 4096),
+            config.get("base_shift", 0.5),
+            config.get("max_shift", 1.15),
+        ))
+
     def sigmas(self, num_steps: int) -> torch.Tensor:
         """The paper's grid: ``linspace(1, 1/N, N)`` shifted by the scheduler's shift, then 0 (float64).
 

@@ -105,16 +105,7 @@ class Flux1Backbone(PackedLatentsMixin, DiffusersBackbone):
     # ------------------------------------------------------------------ sigmas
     def dynamic_mu(self, num_steps: int) -> float:
         """The pipeline's ``calculate_shift`` on this resolution's image sequence length (independent of N)."""
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        config = self.scheduler.config
-        return float(calculate_shift(
-            self.image_seq_len(),
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        ))
+        return self.sequence_length_mu()
 
     # ------------------------------------------------------------------ prompts
     def _encode_batch(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:

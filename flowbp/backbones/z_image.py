@@ -66,16 +66,7 @@ class ZImageBackbone(DiffusersBackbone):
     # ------------------------------------------------------------------ sigmas
     def dynamic_mu(self, num_steps: int) -> float:
         """The pipeline's ``calculate_shift`` on (h/2)(w/2) latent tokens (used only by a dynamic config)."""
-        from diffusers.pipelines.z_image.pipeline_z_image import calculate_shift
-
-        config = self.scheduler.config
-        return float(calculate_shift(
-            self.image_seq_len(),
-            config.get("base_image_seq_len", 256),
-            config.get("max_image_seq_len", 4096),
-            config.get("base_shift", 0.5),
-            config.get("max_shift", 1.15),
-        ))
+        return self.sequence_length_mu()
 
     # ------------------------------------------------------------------ prompts
     def _encode_batch(self, prompts: list[str], device: torch.device) -> dict[str, torch.Tensor]:
