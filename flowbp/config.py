@@ -75,6 +75,11 @@ class TrainConfig:
     # the LoRA's frozen transformer stored weight-only quantized (torchao), and 8-bit AdamW moments
     base_quantization: Literal["none", "int8", "float8", "nf4"] = "none"
     optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    # frozen linear weights kept on the CPU and streamed to the GPU per layer (flowbp.offload): the LoRA's
+    # frozen transformer (base), the reward model (reward), or both (all)
+    offload: Literal["none", "reward", "base", "all"] = "none"
+    # regional torch.compile of the transformer's repeated blocks (rollout and grad forwards; flowbp.compiling)
+    compile: bool = False
     learning_rate: float = 1e-3
     weight_decay: float = 1e-4
     adam_beta1: float = 0.9
@@ -177,6 +182,11 @@ class TrainConfig:
             raise ValueError(
                 f"base_quantization: {self.base_quantization!r} quantizes the frozen base under a LoRA; "
                 "with finetune: full the transformer trains (use none, or finetune: lora)"
+            )
+        if self.offload in ("base", "all") and self.finetune != "lora":
+            raise ValueError(
+                f"offload: {self.offload!r} streams the frozen base under a LoRA; with finetune: full the "
+                "transformer trains (use none or reward, or finetune: lora)"
             )
         for name, value in (("base_quantization", self.base_quantization), ("optimizer", self.optimizer)):
             if value not in ("none", "adamw") and importlib.util.find_spec("torchao") is None:

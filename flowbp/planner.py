@@ -7,7 +7,9 @@ The recipe space, for the config's method, backbone, fine-tuning mode and global
 * ``base_quantization`` none / int8 / float8 / nf4 of the frozen transformer (LoRA only: a fully
   fine-tuned transformer is not frozen),
 * ``optimizer`` adamw / adamw8bit (8-bit moments; full fine-tuning, where the moments are large),
-* FSDP2 sharding over the ``P`` processes (full fine-tuning; LoRA runs data-parallel).
+* FSDP2 sharding over the ``P`` processes (full fine-tuning; LoRA runs data-parallel),
+* ``offload`` none / reward / base / all: frozen linear weights streamed from the CPU one layer at a time
+  (``flowbp.offload``; base: LoRA only).
 
 Memory comes from one :class:`Profile` measured on the meta device (as ``--dry-run``): the bytes one
 grad forward and one VAE decode save are affine in the micro-batch (measured at 1 and 2 and
@@ -29,7 +31,7 @@ step time relative to the same processes with unlimited memory (largest micro-ba
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -58,6 +60,12 @@ SPEED: dict[str, float] = {
     "nf4": 1.30,
     "fsdp2": 1.10,  # all-gather of each block in forward and backward, partly overlapped
     "adamw8bit": 1.02,  # the step itself is negligible; the 2 % states a preference for exact fp32 moments
+    # offload: every transformer forward (rollout, grad forwards, their backward and recomputation) copies
+    # every linear weight host -> device; at ~25 GB/s PCIe against ~1-3 TB/s HBM that dominates unless the
+    # micro-batch is large. An assumption to be measured (benchmarks/gpu_check.py), not a measurement.
+    "offload_base": 2.0,
+    # the reward model runs once per reward input (forward + input backward): a small share of the step
+    "offload_reward": 1.05,
 }
 
 #: Parameters of the reward models whose weights sit on the GPU beside the backbone (stored in the
@@ -70,6 +78,20 @@ REWARD_PARAMETERS = {
     "imagereward": 446_600_000,
     "clipscore": 427_616_513,
     "aesthetic": 303_179_776 + 927_969,
+}
+
+#: Elements of the reward models' ``nn.Linear`` weights (what ``offload: reward`` streams) and of the largest
+#: one (the layer in flight). CLIP ViT-H-14 and ViT-L/14: counted on transformers' ``CLIPModel`` built on the
+#: meta device from the configs in shared/reference/reward_models.md, whose total parameters equal
+#: REWARD_PARAMETERS above (tests/test_offload.py rebuilds them); aesthetic: ViT-L/14's vision tower + the MLP
+#: head; ImageReward: config arithmetic (ViT-L/16 24 × 12.58 M, BERT-base with cross-attention 12 × 9.83 M,
+#: the MLP head), not checked against the file.
+REWARD_LINEAR: dict[str, tuple[int, int]] = {
+    "hpsv2": (933_494_784, 6_553_600),
+    "pickscore": (933_494_784, 6_553_600),
+    "clipscore": (388_300_800, 4_194_304),
+    "aesthetic": (301_989_888 + 926_736, 4_194_304),
+    "imagereward": (301_989_888 + 117_964_800 + 926_736, 4_194_304),
 }
 
 
@@ -107,6 +129,12 @@ class Profile:
     checkpointed_plan: bool
     latent_per_sample: int  # fp32 bytes of one sample's latent
     rollout_steps: int
+    # offload (flowbp.offload): elements of the base's linear weights (streamed), and the bytes of the largest
+    # one as stored under each base_quantization (the layer in flight); the reward's streamed / largest elements
+    linear_numel: int = 0
+    largest_linear: dict[str, int] = field(default_factory=dict)
+    reward_linear: int = 0
+    reward_largest_linear: int = 0
 
 
 @dataclass(frozen=True)
@@ -119,6 +147,7 @@ class Recipe:
     base_quantization: str = "none"
     optimizer: str = "adamw"
     fsdp2: bool = False
+    offload: str = "none"
 
     def overrides(self, finetune: str) -> list[str]:
         """The exact ``--set`` overrides of this recipe (its global batch is the config's)."""
@@ -131,6 +160,7 @@ class Recipe:
             sets.append(f"base_quantization={self.base_quantization}")
         else:
             sets.append(f"optimizer={self.optimizer}")
+        sets.append(f"offload={self.offload}")
         return sets
 
 
@@ -153,6 +183,20 @@ def _linear_weights(model: nn.Module, elem: int) -> dict[str, tuple[int, int]]:
         layers = [m for m in model.modules() if quantizable(m, mode)]
         numel = sum(m.weight.numel() for m in layers)
         out[mode] = (numel, sum(quantized_weight_bytes(*m.weight.shape, mode, dtype) for m in layers))
+    return out
+
+
+def _largest_linear(model: nn.Module, elem: int) -> dict[str, int]:
+    """Bytes of the largest linear weight as each ``base_quantization`` stores it (the streamed layer in flight)."""
+    dtype = {2: torch.bfloat16, 4: torch.float32}[elem]
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    out = {"none": max((m.weight.numel() * elem for m in layers), default=0)}
+    for mode in ("int8", "float8", "nf4"):
+        out[mode] = max(
+            (quantized_weight_bytes(*m.weight.shape, mode, dtype) if quantizable(m, mode) else m.weight.numel() * elem
+             for m in layers),
+            default=0,
+        )
     return out
 
 
@@ -187,6 +231,8 @@ def profile(
     elem = _BYTES[dtype]
     parameters = sum(p.numel() for p in model.parameters())
     linear = _linear_weights(model, elem)
+    linear_numel = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    largest_linear = _largest_linear(model, elem)
     largest = max((sum(p.numel() for p in b.parameters()) for b in _blocks(model)), default=0)
     if finetune == "lora":
         model.requires_grad_(False)
@@ -225,6 +271,9 @@ def profile(
         reward_parameters=sum(REWARD_PARAMETERS.get(n, 0) for n in rewards), forward=forward, decode=decode,
         grad_forwards=forwards, reward_inputs=inputs, checkpointed_plan=ckpt_plan,
         latent_per_sample=arch.vae_latent_channels * side * side * 4, rollout_steps=num_steps,
+        linear_numel=linear_numel, largest_linear=largest_linear,
+        reward_linear=sum(REWARD_LINEAR.get(n, (0, 0))[0] for n in rewards),
+        reward_largest_linear=max((REWARD_LINEAR.get(n, (0, 0))[1] for n in rewards), default=0),
     )
 
 
@@ -239,6 +288,12 @@ def memory(p: Profile, r: Recipe) -> Breakdown:
         transformer = p.trainable * (4 + (p.elem if p.elem != 4 else 0))
     moments = 8 if r.optimizer == "adamw" else 2  # 8-bit: one byte per moment (block scales: < 1 %)
     optimizer = p.trainable * (4 + moments + 4)  # grad + moments + EMA, as the trainer keeps them
+    if r.offload in ("base", "all"):  # linear weights streamed from the CPU: the largest one is in flight
+        in_flight = p.largest_linear.get(r.base_quantization, 0)
+        transformer = (p.parameters - p.linear_numel) * p.elem + p.trainable * 4 + in_flight
+    reward = p.reward_parameters * p.elem
+    if r.offload in ("reward", "all"):
+        reward = (p.reward_parameters - p.reward_linear + p.reward_largest_linear) * p.elem
     if r.fsdp2:  # sharded over the processes; one block gathered at a time (+ one prefetched)
         transformer = transformer // r.processes + 2 * p.largest_block * p.elem
         optimizer //= r.processes
@@ -250,7 +305,7 @@ def memory(p: Profile, r: Recipe) -> Breakdown:
     activations = calls + p.reward_inputs * p.decode[r.vae_gradient_checkpointing](m)
     return Breakdown(
         weights=transformer + p.vae_parameters * p.elem, optimizer=optimizer, activations=activations,
-        reward=p.reward_parameters * p.elem,
+        reward=reward,
     )
 
 
@@ -265,6 +320,8 @@ def step_cost(p: Profile, r: Recipe) -> float:
     factor = SPEED[r.base_quantization] if r.base_quantization != "none" else 1.0
     factor *= SPEED["fsdp2"] if r.fsdp2 else 1.0
     factor *= SPEED[r.optimizer] if r.optimizer != "adamw" else 1.0
+    factor *= SPEED["offload_base"] if r.offload in ("base", "all") else 1.0
+    factor *= SPEED["offload_reward"] if r.offload in ("reward", "all") else 1.0
     return samples * per_sample * (1 + SPEED["micro_step_overhead"] / r.micro_batch) * factor
 
 
@@ -277,9 +334,10 @@ def recipes(p: Profile, processes: int) -> list[Recipe]:
     quant = ("none", "int8", "float8", "nf4") if lora else ("none",)
     optim = ("adamw",) if lora else ("adamw", "adamw8bit")
     fsdp = (False, True) if (processes > 1 and not lora) else (False,)
+    offload = ("none", "reward", "base", "all") if lora else ("none", "reward")
     out = []
     for m, ckpt, vae_ckpt, q, o, f in itertools.product(micro, (False, True), (False, True), quant, optim, fsdp):
-        out.append(Recipe(processes, m, per_process // m, ckpt, vae_ckpt, q, o, f))
+        out.extend(Recipe(processes, m, per_process // m, ckpt, vae_ckpt, q, o, f, off) for off in offload)
     return out
 
 
@@ -330,6 +388,7 @@ class Plan:
         modes += ["checkpointed VAE decode"] * r.vae_gradient_checkpointing
         modes += [f"{r.base_quantization} base"] * (r.base_quantization != "none")
         modes += ["8-bit AdamW"] * (r.optimizer == "adamw8bit") + ["FSDP2 sharding"] * r.fsdp2
+        modes += [f"offload {r.offload} (streamed from the CPU)"] * (r.offload != "none")
         return "\n".join([
             head,
             f"fastest fitting recipe: {', '.join(modes)}",

@@ -41,6 +41,7 @@ from flowbp.stats import mean_ci
 from flowbp.training.accelerator import any_rank, make_accelerator
 from flowbp.training.checkpoints import RESUMABLE_CHANGES, open_run, restore, save_run_checkpoint
 from flowbp.training.components import (
+    apply_speed_and_offload,
     build_backbone,
     build_reward,
     eval_prompt_set,
@@ -114,6 +115,7 @@ def setup(config: TrainConfig, run_dir: Path | None = None, resume_from: Path | 
     if config.eval_every:
         eval_scorers(config, backbone.name, reward, accelerator.device)
     model = make_trainable(config, backbone)
+    apply_speed_and_offload(config, backbone, reward, accelerator.device)  # offload, compile (after the LoRA)
     if config.finetune == "lora" and accelerator.distributed_type.value == "FSDP":
         raise ValueError("finetune: 'lora' runs data-parallel with DDP; use the FSDP2 preset with finetune: full")
     optimizer = make_optimizer(config, [p for p in model.parameters() if p.requires_grad])

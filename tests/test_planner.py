@@ -120,10 +120,10 @@ def test_planner_cli(capsys) -> None:
     assert "--set gradient_accumulation_steps=1 --set gradient_checkpointing=false" in out
     assert "--set base_quantization=none" in out and "speed cost ×1.00" in out
     assert 'accelerate launch --config_file "$(flowbp accelerate-config multi-gpu)" --num_processes 8' in out
-    assert main([*args, "--gpu-memory", "1"]) == 1
+    assert main([*args, "--gpu-memory", "0.1"]) == 1  # 1 GiB fits with everything offloaded
     out = capsys.readouterr().out
     assert "--processes not given: planning for 1 process" in out
-    assert "does not fit: no recipe fits 1.0 GiB per GPU on 1 process; the smallest needs" in out
+    assert "does not fit: no recipe fits 0.1 GiB per GPU on 1 process; the smallest needs" in out
 
 
 @pytest.mark.parametrize(

@@ -69,6 +69,17 @@ def make_trainable(config: TrainConfig, backbone: Any) -> torch.nn.Module:
     return model
 
 
+def apply_speed_and_offload(config: TrainConfig, backbone: Any, reward: torch.nn.Module, device: torch.device) -> None:
+    """``offload`` (stream frozen linear weights from the CPU) then ``compile`` (regional torch.compile)."""
+    from flowbp.offload import apply_offload
+
+    apply_offload(config, backbone, reward, device)
+    if config.compile:
+        from flowbp.compiling import compile_blocks
+
+        compile_blocks(backbone.transformer)
+
+
 def make_optimizer(config: TrainConfig, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     from flowbp.memory_modes import make_adamw
 
