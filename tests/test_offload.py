@@ -174,3 +174,68 @@ def test_reward_linear_counts_match_the_clip_configs() -> None:
         linears = [m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)]
         assert sum(p.numel() for p in model.parameters()) == REWARD_PARAMETERS[name]
         assert (sum(linears), max(linears)) == REWARD_LINEAR[name]
+
+
+def test_planner_offload_choice_by_hand() -> None:
+    """One sample (micro-batch 1), 2-byte weights. Base: 100 parameters, 80 of them in linear weights (largest 10:
+    20 B in flight; int8/float8 10 B, nf4 6 B); int8/float8 store the 80 in 80 B, nf4 in 40 B. Reward: 50
+    parameters, 40 streamable, largest 5. Activations 10 B (checkpointing saves nothing here, so it is never
+    worth its cost). Memory:
+        base  none 200 | int8/float8 120 | nf4 80 | streamed: 40 + in flight (20 | 10 | 10 | 6)
+        reward 100 | streamed (50 - 40 + 5) × 2 = 30
+    Cost: 1 sample × (10 + 3 + 3) × (1 + 0.5) = 24, × 1.15 int8 / 1.10 float8 / 1.30 nf4, × SPEED offload factors."""
+    from flowbp.planner import SPEED, Affine, Profile, Recipe, memory, search, step_cost
+
+    flat = {False: Affine(10, 10), True: Affine(10, 10)}
+    zero = {False: Affine(0, 0), True: Affine(0, 0)}
+    p = Profile(
+        title="hand", backbone="hand", method="m", finetune="lora", global_batch=1, elem=2, parameters=100,
+        trainable=0, linear_weights={"int8": (80, 80), "float8": (80, 80), "nf4": (80, 40)}, largest_block=10,
+        vae_parameters=0, reward_parameters=50, forward=flat, decode=zero, grad_forwards=1, reward_inputs=1,
+        checkpointed_plan=False, latent_per_sample=0, rollout_steps=10, linear_numel=80,
+        largest_linear={"none": 20, "int8": 10, "float8": 10, "nf4": 6}, reward_linear=40, reward_largest_linear=5,
+    )
+
+    def recipe(quant: str = "none", offload: str = "none") -> Recipe:
+        return Recipe(1, 1, 1, False, False, quant, offload=offload)
+
+    peaks = {(q, o): memory(p, recipe(q, o)).peak for q in ("none", "float8", "nf4") for o in ("none", "reward", "all")}
+    assert peaks == {("none", "none"): 310, ("none", "reward"): 240, ("none", "all"): 100,
+                     ("float8", "none"): 230, ("float8", "reward"): 160, ("float8", "all"): 90,
+                     ("nf4", "none"): 190, ("nf4", "reward"): 120, ("nf4", "all"): 86}
+    assert memory(p, recipe(offload="base")).peak == 170
+    assert step_cost(p, recipe()) == pytest.approx(24)
+    assert step_cost(p, recipe(offload="all")) == pytest.approx(24 * SPEED["offload_base"] * SPEED["offload_reward"])
+    # 320 B: everything fits; the fastest is no mode at all
+    assert search(p, 320, 1).best == recipe()
+    # 235 B: float8 (230 B, ×1.10) fits and is faster than streaming the base (170 B, ×2.0) or nf4 + reward (×1.365)
+    assert search(p, 235, 1).best == recipe("float8")
+    # 150 B: no quantization alone fits (nf4: 190 B); nf4 + streamed reward (120 B, 24 × 1.3 × 1.05 = 32.76) beats
+    # streaming the base (none/all: 100 B, 24 × 2.0 × 1.05 = 50.4)
+    best = search(p, 150, 1).best
+    assert best == recipe("nf4", "reward") and step_cost(p, best) == pytest.approx(24 * 1.3 * SPEED["offload_reward"])
+    # 100 B: only a streamed base fits (with or without quantization: 100, 90, 90, 86 B); the cheapest is unquantized
+    assert search(p, 100, 1).best == recipe(offload="all")
+    assert "offload=all" in " ".join(recipe(offload="all").overrides("lora"))
+    # 85 B: nothing fits; the smallest streams both and stores the base in nf4
+    plan = search(p, 85, 1)
+    assert not plan.fits and plan.smallest == recipe("nf4", "all") and memory(p, plan.smallest).peak == 86
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["offload=disk"], "config.offload: got 'disk'; allowed: none, reward, base, all"),
+        (["offload=base", "finetune=full"], "offload: 'base' streams the frozen base under a LoRA"),
+        (["offload=all", "finetune=full"], "offload: 'all' streams the frozen base under a LoRA"),
+    ],
+)
+def test_bad_offload_is_one_line(tmp_path: Path, capsys, monkeypatch, sets: list[str], message: str) -> None:
+    from flowbp.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    args = [a for s in sets for a in ("--set", s)]
+    assert main(["train", "--output-dir", str(tmp_path / "run"), *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert list(tmp_path.iterdir()) == []  # nothing written
