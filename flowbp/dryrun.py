@@ -472,6 +472,7 @@ class Estimate:
     fsdp_layout: Estimate | None = None  # with one process: the estimate of the paper's 8-process layout
     base_quantization: str = "none"
     optimizer: str = "adamw"
+    offload: str = "none"
 
     @property
     def global_batch(self) -> int:
@@ -506,6 +507,8 @@ class Estimate:
             modes.append(f"{self.base_quantization} base")
         if self.optimizer != "adamw":
             modes.append("8-bit AdamW")
+        if self.offload != "none":
+            modes.append(f"offload {self.offload}")
         mode_text = f", {', '.join(modes)}" if modes else ""
         return "\n".join([
             f"dry run: {self.title} ({self.backbone}) × {self.method}, {self.finetune} fine-tuning{mode_text}, "
@@ -574,6 +577,7 @@ def estimate(
     ema: bool = True,
     base_quantization: str = "none",
     optimizer: str = "adamw",
+    offload: str = "none",
     device: str | torch.device = "meta",
     transformer: nn.Module | None = None,
     vae: nn.Module | None = None,
@@ -622,6 +626,8 @@ def estimate(
         weights += trainable * 4 + (trainable * elem if elem != 4 else 0)
     else:
         weights += trainable * 4 - quantized_saving  # LoRA parameters stay fp32 on the (quantized) base
+        if offload in ("base", "all"):
+            weights -= _streamed_saving(model, base_quantization, elem)
     moments = 8 if optimizer == "adamw" else 2  # adamw8bit: one byte per moment (block scales < 1 %)
     optimizer_bytes = trainable * (4 + moments + (4 if ema else 0))  # grad + Adam moments (+ EMA)
     latent_numel = batch_size * arch.vae_latent_channels * side * side
@@ -630,7 +636,7 @@ def estimate(
         batch_size=batch_size, dtype=str(dtype).removeprefix("torch."), parameters=parameters, trainable=trainable,
         forward_bytes=forward, decode_bytes=decode, grad_forwards=forwards, reward_inputs=reward_inputs,
         checkpointed_plan=ckpt_plan, weights_bytes=weights, optimizer_bytes=optimizer_bytes,
-        latent_bytes=latent_numel * 4, base_quantization=base_quantization, optimizer=optimizer,
+        latent_bytes=latent_numel * 4, base_quantization=base_quantization, optimizer=optimizer, offload=offload,
     )
 
 
@@ -643,6 +649,18 @@ def _quantized_saving(model: nn.Module, mode: str, elem: int) -> int:
     dtype = {2: torch.bfloat16, 4: torch.float32}[elem]
     layers = [m for m in model.modules() if quantizable(m, mode)]
     return sum(m.weight.numel() * elem - quantized_weight_bytes(*m.weight.shape, mode, dtype) for m in layers)
+
+
+def _streamed_saving(model: nn.Module, mode: str, elem: int) -> int:
+    """Bytes ``offload: base`` takes off the device: every frozen linear weight as stored, but the largest (in
+    flight). Reward models are not in this estimate; ``--gpu-memory`` plans count them (flowbp.planner)."""
+    from flowbp.memory_modes import quantizable, quantized_weight_bytes
+    from flowbp.offload import streamed_layers
+
+    dtype = {2: torch.bfloat16, 4: torch.float32}[elem]
+    stored = [quantized_weight_bytes(*m.weight.shape, mode, dtype) if quantizable(m, mode) else m.weight.numel() * elem
+              for m in streamed_layers(model)]
+    return sum(stored) - max(stored, default=0)
 
 
 def micro_batch(batch_size: int, processes: int, accumulation: int) -> int:
@@ -684,7 +702,7 @@ def estimate_config(config: Any, processes: int | None = None) -> Estimate:
             finetune=config.finetune, lora_rank=config.lora_rank, dtype=compute, guidance_scale=config.guidance_scale,
             detach_negative=config.detach_negative, gradient_checkpointing=config.gradient_checkpointing,
             vae_gradient_checkpointing=config.vae_gradient_checkpointing, ema=config.ema,
-            base_quantization=config.base_quantization, optimizer=config.optimizer,
+            base_quantization=config.base_quantization, optimizer=config.optimizer, offload=config.offload,
         )
 
     est = one(micro)

@@ -45,7 +45,7 @@ def streamable(layer: nn.Module) -> bool:
     return isinstance(layer, nn.Linear) and not layer.weight.requires_grad
 
 
-def _linears(model: nn.Module) -> list[nn.Linear]:
+def streamed_layers(model: nn.Module) -> list[nn.Linear]:
     # nn.MultiheadAttention reads out_proj.weight directly instead of calling the layer: never stream those
     inside_mha = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
     return [m for m in model.modules() if streamable(m) and id(m) not in inside_mha]
@@ -95,7 +95,7 @@ def stream_linears(model: nn.Module, device: torch.device | str) -> int:
     """
     device = torch.device(device)
     pin = torch.cuda.is_available() and device.type == "cuda"
-    layers = _linears(model)
+    layers = streamed_layers(model)
     for layer in layers:
         weight = layer.weight.detach()
         if weight.device.type != "cpu":

@@ -142,6 +142,16 @@ def test_resident_bytes_are_what_the_planner_counts(tiny_sd3_dir: Path, quant: s
     vae = tensor_bytes(bb.vae.parameters())
     estimate = memory(prof, Recipe(1, 2, 1, False, False, quant, offload="base")).weights
     assert resident + in_flight + vae == estimate
+    # the plain --dry-run estimate counts the same bytes
+    from flowbp.dryrun import estimate as dry_estimate
+
+    dry = dry_estimate(
+        arch, "flowbp-lagrange", resolution=32, batch_size=2, num_steps=4, finetune="lora", lora_rank=4,
+        dtype=torch.float32, base_quantization=quant, offload="base",
+        transformer=build_meta("SD3Transformer2DModel", config(fresh.transformer), torch.float32),
+        vae=build_meta("AutoencoderKL", config(fresh.vae), torch.float32),
+    )
+    assert dry.weights_bytes == estimate
     # and what moved: the resident model minus the streamed weights
     full = tensor_bytes(fresh.transformer.parameters()) + tensor_bytes(p for n, p in bb.transformer.named_parameters()
                                                                       if p.requires_grad)
