@@ -18,7 +18,9 @@ PROMPTS = ["a red cube on a table", "two dogs"]
 
 
 def _step(directory: Path, compiled: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """One flowbp-lagrange step on the tiny SD3 with a non-trivial LoRA: (the rollout's sample, the LoRA gradient)."""
+    """One ReFL step on the tiny SD3 with a non-trivial LoRA, without CFG: (the rollout's sample, the LoRA gradient).
+    One method, no CFG: every variant of a block's graph (grad mode, which inputs need grad) is one more inductor
+    compilation, the bulk of this test's time (3 compilations, ~1 CPU-minute)."""
     from flowbp.memory_modes import add_lora_on_quantized_base
 
     bb = load_backbone("sd3", path=str(directory), resolution=32)
@@ -30,10 +32,10 @@ def _step(directory: Path, compiled: bool) -> tuple[torch.Tensor, torch.Tensor, 
             p.data.normal_(0, 0.05)
     count = compile_blocks(bb.transformer) if compiled else 0
     reward = load_reward("digit-contrast")
-    sigmas = bb.sigmas(4)
-    velocity = bb.velocity_fn(bb.encode_prompts(PROMPTS), 3.5, detach_uncond=True)
+    sigmas = bb.sigmas(6)
+    velocity = bb.velocity_fn(bb.encode_prompts(PROMPTS), 1.0)
     traj = rollout(velocity, bb.initial_noise(2, torch.Generator().manual_seed(1)), sigmas)
-    plan = make_plan("flowbp-lagrange", sigmas, torch.Generator().manual_seed(5))
+    plan = make_plan("refl", sigmas, torch.Generator().manual_seed(5))
     out = surrogate(plan, traj, velocity, generator=torch.Generator().manual_seed(6))
     (-sum(reward(bb.decode(x), PROMPTS).mean() for x in out.inputs)).backward()
     grad = torch.cat([p.grad.flatten() for p in bb.transformer.parameters() if p.requires_grad and p.grad is not None])
@@ -60,3 +62,17 @@ def test_declared_repeated_blocks_are_used(tiny_flux1_dir: Path) -> None:
     assert set(type(model)._repeated_blocks) == {"FluxTransformerBlock", "FluxSingleTransformerBlock"}
     found = repeated_blocks(model)
     assert found == [*model.transformer_blocks, *model.single_transformer_blocks]
+
+
+def test_the_config_key_compiles_the_blocks_after_the_lora(tiny_sd3_dir: Path) -> None:
+    """`compile: true` in the trainer's hook: the blocks are compiled (lazily: nothing runs here) and hold the LoRA."""
+    from flowbp.training.components import apply_speed_and_offload, make_trainable
+
+    bb = load_backbone("sd3", path=str(tiny_sd3_dir), resolution=32)
+    config = load_config(None, {"backbone": "sd3", "finetune": "lora", "lora_rank": 4, "compile": True})
+    make_trainable(config, bb)
+    apply_speed_and_offload(config, bb, load_reward("digit-contrast"), torch.device("cpu"))
+    blocks = bb.transformer.transformer_blocks
+    assert all(b._compiled_call_impl is not None for b in blocks)
+    assert all(any("lora_A" in n for n, _ in b.named_parameters()) for b in blocks)
+    assert bb.transformer._compiled_call_impl is None  # regional: the whole model is not compiled
