@@ -17,6 +17,11 @@ from torch import nn
 
 #: the block lists of diffusers transformers (SD3, FLUX.1/2, Qwen-Image, Z-Image)
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "layers", "noise_refiner", "context_refiner")
+#: dynamo's recompile limit per code object (default 8). Each block class gets one graph per variant (grad mode
+#: on or off, which inputs need a gradient, CFG batch, a block's last-layer code path): FlowBP-Lagrange with CFG
+#: on the tiny SD3 makes 7, and every compiled model in the process shares the count; past the limit dynamo
+#: silently runs the block eagerly.
+RECOMPILE_LIMIT = 64
 
 
 def repeated_blocks(model: nn.Module) -> list[nn.Module]:
@@ -34,9 +39,12 @@ def repeated_blocks(model: nn.Module) -> list[nn.Module]:
 
 def compile_blocks(model: nn.Module, **options: Any) -> int:
     """Compile ``model``'s repeated blocks in place (``torch.compile`` options pass through); returns how many."""
+    import torch._dynamo
+
     blocks = repeated_blocks(model)
     if not blocks:
         raise ValueError(f"compile: {type(model).__name__} has no repeated blocks to compile")
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
     for block in blocks:
         block.compile(**options)
     return len(blocks)
