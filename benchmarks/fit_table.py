@@ -43,6 +43,7 @@ def short(r: Recipe, finetune: str) -> str:
     parts += ["ckpt"] * r.gradient_checkpointing + ["vae-ckpt"] * r.vae_gradient_checkpointing
     parts += [r.base_quantization] * (r.base_quantization != "none")
     parts += ["adamw8bit"] * (r.optimizer == "adamw8bit") + ["fsdp2"] * r.fsdp2
+    parts += [f"offload-{r.offload}"] * (r.offload != "none")
     return " ".join(parts)
 
 

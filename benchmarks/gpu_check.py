@@ -42,11 +42,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from flowbp.compiling import compile_blocks
 from flowbp.config import load_config
 from flowbp.dryrun import ARCHITECTURES, Architecture, GiB, estimate
 from flowbp.engine import surrogate
 from flowbp.memory_modes import make_adamw, quantize_frozen
 from flowbp.methods import make_plan
+from flowbp.offload import stream_linears
 from flowbp.rewards import load_reward
 from flowbp.trajectory import rollout, training_sigmas
 
@@ -72,6 +74,11 @@ MODES: dict[str, dict[str, Any]] = {
     "lora-nf4": {"finetune": "lora", "base_quantization": "nf4"},
     "full": {"finetune": "full"},
     "full-adamw8bit": {"finetune": "full", "optimizer": "adamw8bit"},
+    # the frozen base's linear weights streamed from pinned CPU memory (flowbp.offload), alone and int8
+    "lora-offload": {"finetune": "lora", "offload": "base"},
+    "lora-int8-offload": {"finetune": "lora", "base_quantization": "int8", "offload": "base"},
+    # regional torch.compile of the blocks (flowbp.compiling): the step time is the second step's
+    "lora-compile": {"finetune": "lora", "compile": True},
 }
 
 
@@ -209,6 +216,10 @@ def prepare(arch: Architecture, mode: dict[str, Any], dtype: torch.dtype, device
     if mode.get("finetune", "lora") == "lora":
         quantize_frozen(transformer, mode.get("base_quantization", "none"))  # before the LoRA, as training does
         params = add_lora(transformer, arch)
+        if mode.get("offload", "none") in ("base", "all"):  # after the LoRA, as training does
+            stream_linears(transformer, device)
+        if mode.get("compile", False):
+            compile_blocks(transformer)
     else:  # fp32 master weights, bf16 compute under autocast (accelerate's mixed_precision: bf16)
         transformer.float().requires_grad_(True)
         params = list(transformer.parameters())
@@ -243,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
             mode = MODES[mode_name]
             est = estimate(arch, method, method_args, resolution=args.resolution, batch_size=1, num_steps=args.steps,
                            lora_rank=8, dtype=dtype, guidance_scale=guidance, detach_negative=True,
-                           gradient_checkpointing=True, **mode)
+                           gradient_checkpointing=True, **{k: v for k, v in mode.items() if k != "compile"})
             row: dict[str, Any] = {"backbone": name, "mode": mode_name, "method": method,
                                    "resolution": args.resolution, "estimate_gib": est.peak_bytes / GiB,
                                    "estimate_grad_forwards": est.grad_forwards}
