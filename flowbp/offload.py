@@ -42,7 +42,7 @@ def offloads_reward(mode: str) -> bool:
 
 def streamable(layer: nn.Module) -> bool:
     """A frozen ``nn.Linear`` whose forward is called as a module (the planner counts the same layers)."""
-    return isinstance(layer, nn.Linear) and not layer.weight.requires_grad
+    return isinstance(layer, nn.Linear) and not layer.weight.requires_grad and not hasattr(layer, ONLOAD)
 
 
 def streamed_layers(model: nn.Module) -> list[nn.Linear]:
@@ -120,10 +120,12 @@ def resident_tensors(model: nn.Module) -> list[torch.Tensor]:
 
 
 def apply_offload(config: Any, backbone: Any, reward: nn.Module, device: torch.device) -> dict[str, int]:
-    """Stream what ``config.offload`` names; returns the number of streamed layers per part."""
+    """Stream what ``config.offload`` names; returns the number of streamed layers per part (a reward the trainer
+    built with ``offload: reward`` already streams: it is counted, not streamed twice)."""
     counts = {}
     if offloads_base(config.offload):
         counts["base"] = stream_linears(backbone.transformer, device)
     if offloads_reward(config.offload):
-        counts["reward"] = stream_linears(reward, device)
+        already = sum(1 for m in reward.modules() if hasattr(m, ONLOAD))
+        counts["reward"] = already or stream_linears(reward, device)
     return counts

@@ -50,9 +50,13 @@ def build_backbone(config: TrainConfig, device: torch.device) -> Any:
 def build_reward(config: TrainConfig, device: torch.device) -> torch.nn.Module:
     from flowbp.rewards import load_reward
 
-    reward = load_reward(config.reward, paths=config.reward_paths).to(device)
+    reward = load_reward(config.reward, paths=config.reward_paths)
     reward.requires_grad_(False)
-    return reward
+    if config.offload in ("reward", "all"):
+        from flowbp.offload import stream_linears
+
+        stream_linears(reward, device)  # before .to(device): the streamed weights never reach the device
+    return reward.to(device)
 
 
 def make_trainable(config: TrainConfig, backbone: Any) -> torch.nn.Module:
