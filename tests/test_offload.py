@@ -66,15 +66,23 @@ def _gradients(bb, reward, frozen, method: str) -> tuple[torch.Tensor, int, floa
     return torch.cat(lora), meter.total, float(scores[0].detach().sum())
 
 
+@pytest.fixture(scope="module")
+def resident(tiny_sd3_dir: Path, clip_dir: Path) -> dict:
+    """offload: none's (gradient, saved bytes, score) per method: the reference of every mode."""
+    bb, reward, _, frozen = _setup(tiny_sd3_dir, "none", clip=clip_dir)
+    return {method: _gradients(bb, reward, frozen, method) for method in available_methods()}
+
+
 @pytest.mark.parametrize("mode", MODES[1:])
-def test_every_method_under_offload_gives_the_resident_gradient(tiny_sd3_dir: Path, clip_dir: Path, mode: str) -> None:
+def test_every_method_under_offload_gives_the_resident_gradient(
+    tiny_sd3_dir: Path, clip_dir: Path, resident: dict, mode: str
+) -> None:
     """Each method, one step: finite LoRA gradients equal to offload: none's, and the same bytes saved for backward
     (a streamed layer saves no weight; the resident one's weight is a parameter, excluded from the count)."""
-    ref_bb, ref_reward, _, ref_frozen = _setup(tiny_sd3_dir, "none", clip=clip_dir)
     bb, reward, counts, frozen = _setup(tiny_sd3_dir, mode, clip=clip_dir)
     assert (counts.get("base", 0) > 10) == (mode != "reward") and (counts.get("reward", 0) > 1) == (mode != "base")
     for method in available_methods():
-        ref_grad, ref_saved, ref_score = _gradients(ref_bb, ref_reward, ref_frozen, method)
+        ref_grad, ref_saved, ref_score = resident[method]
         grad, saved, score = _gradients(bb, reward, frozen, method)
         assert torch.isfinite(grad).all() and grad.abs().sum() > 0, method
         assert score == ref_score, method  # the forward is bit-identical
