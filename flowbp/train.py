@@ -114,8 +114,6 @@ def setup(config: TrainConfig, run_dir: Path | None = None, resume_from: Path | 
     if config.eval_every:
         eval_scorers(config, backbone.name, reward, accelerator.device)
     model = make_trainable(config, backbone)
-    if config.finetune == "lora" and accelerator.distributed_type.value == "FSDP":
-        raise ValueError("finetune: 'lora' runs data-parallel with DDP; use the FSDP2 preset with finetune: full")
     optimizer = make_optimizer(config, [p for p in model.parameters() if p.requires_grad])
     prepared, optimizer = accelerator.prepare(model, optimizer)
     model = accelerator.unwrap_model(prepared)
