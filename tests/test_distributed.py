@@ -166,6 +166,28 @@ def _lora_files_load_into_the_pipeline_and_agree(directory: Path, two: Path, one
     assert (ours - base).abs().max().item() > 1e-4  # the adapter trained: not a no-op
 
 
+@pytest.mark.parametrize("mode", ["int8", "float8"])
+def test_lora_on_a_base_fsdp2_cannot_shard_is_refused_before_anything_is_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """torchao's int8 / float8 weight-only tensors cannot be sharded by fully_shard (measured: aten.split is
+    missing): under the FSDP2 preset such a LoRA run stops at set-up with one line, and writes nothing."""
+    import types
+
+    import flowbp.train as train_module
+
+    fsdp = types.SimpleNamespace(distributed_type=types.SimpleNamespace(value="FSDP"), num_processes=2)
+    monkeypatch.setattr(train_module, "make_accelerator", lambda config, run_dir: fsdp)
+    run = tmp_path / "run"
+    with pytest.raises(ValueError) as err:
+        train(load_config(None, {**TINY, "base_quantization": mode, "output_dir": str(run)}))
+    assert str(err.value) == (
+        f"base_quantization: {mode!r} cannot be sharded by FSDP2 (torchao's quantized tensor lacks the ops "
+        "fully_shard needs); allowed under FSDP2: none, nf4 (or launch data-parallel with the multi-gpu preset)"
+    )
+    assert not run.exists()
+
+
 def test_accelerate_presets_parse_and_document_their_launch_command(capsys) -> None:
     from accelerate.commands.config.config_args import load_config_from_file
 
