@@ -177,7 +177,7 @@ def test_lora_on_a_base_fsdp2_cannot_shard_is_refused_before_anything_is_written
     import flowbp.train as train_module
 
     fsdp = types.SimpleNamespace(distributed_type=types.SimpleNamespace(value="FSDP"), num_processes=2)
-    monkeypatch.setattr(train_module, "make_accelerator", lambda config, run_dir: fsdp)
+    monkeypatch.setattr(train_module, "make_accelerator", lambda config, run_dir, **_: fsdp)
     run = tmp_path / "run"
     with pytest.raises(ValueError) as err:
         train(load_config(None, {**TINY, "base_quantization": mode, "output_dir": str(run)}))
