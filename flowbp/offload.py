@@ -125,6 +125,7 @@ def apply_offload(config: Any, backbone: Any, reward: nn.Module, device: torch.d
     counts = {}
     if offloads_base(config.offload):
         counts["base"] = stream_linears(backbone.transformer, device)
+        backbone.transformer.to(device)  # the rest (norms, embeddings, biases, LoRA); loaded on the CPU
     if offloads_reward(config.offload):
         already = sum(1 for m in reward.modules() if hasattr(m, ONLOAD))
         counts["reward"] = already or stream_linears(reward, device)

@@ -288,3 +288,26 @@ def test_training_with_everything_offloaded_equals_resident_training(tiny_sd3_di
     assert all(torch.equal(files["none"][k], files["all"][k]) for k in files["none"])
     summaries = [json.loads((tmp_path / m / "summary.json").read_text()) for m in ("none", "all")]
     assert summaries[0]["after"] == summaries[1]["after"]
+
+
+def test_offloaded_base_never_goes_to_the_device_whole(tiny_sd3_dir: Path) -> None:
+    """With ``offload: base`` the trainer loads the transformer on the CPU and only its resident rest moves to the
+    device: the meta device stands in for the accelerator (a tensor moved there loses its data), so every streamed
+    weight still holding CPU data proves it never went to the device."""
+    from flowbp.backbones import backbone_from_config
+    from flowbp.training.components import apply_speed_and_offload, make_trainable
+
+    device = torch.device("meta")
+    cfg = load_config(None, {"backbone": "sd3", "backbone_path": str(tiny_sd3_dir), "resolution": 32,
+                             "finetune": "lora", "lora_rank": 4, "offload": "base"})
+    bb = backbone_from_config(cfg, device)
+    assert {p.device.type for p in bb.transformer.parameters()} == {"cpu"}  # not moved at load
+    assert {p.device.type for p in bb.vae.parameters()} == {"meta"}  # the rest of the backbone was
+    make_trainable(cfg, bb)
+    apply_speed_and_offload(cfg, bb, load_reward("digit-contrast"), device)
+    store = offload_store(bb.transformer)
+    assert store and all(w.device.type == "cpu" for w in store)
+    assert {p.device.type for p in bb.transformer.parameters()} == {"meta"}  # norms, biases, the LoRA
+    resident = load_config(None, {**cfg.to_dict(), "offload": "none"})
+    whole = backbone_from_config(resident, device)
+    assert {p.device.type for p in whole.transformer.parameters()} == {"meta"}  # the control: moved at load

@@ -155,8 +155,14 @@ class DiffusersBackbone:
         gradient_checkpointing: bool = False,
         vae_gradient_checkpointing: bool = False,
         max_sequence_length: int | None = None,
+        transformer_device: str | torch.device | None = None,
     ) -> None:
-        """Wrap an already-built pipeline (tests, dry-runs); users call :meth:`from_pretrained`."""
+        """Wrap an already-built pipeline (tests, dry-runs); users call :meth:`from_pretrained`.
+
+        ``transformer_device``: where the transformer is placed at load (default ``device``); ``offload: base``
+        keeps it on the CPU until its linear weights are in the offload store, so that the whole transformer
+        never has to fit on the accelerator.
+        """
         self.pipe = pipe
         self.device = torch.device(device)
         self.dtype = dtype
@@ -166,7 +172,7 @@ class DiffusersBackbone:
         self.vae: nn.Module | None = getattr(pipe, "vae", None)
         self.scheduler = getattr(pipe, "scheduler", None)
         self.check_resolution(self.resolution)
-        self.transformer.requires_grad_(False).eval().to(self.device)
+        self.transformer.requires_grad_(False).eval().to(transformer_device or self.device)
         self._model_dtype = next(self.transformer.parameters()).dtype
         if self.vae is not None:
             self.vae.requires_grad_(False).eval().to(self.device)
@@ -196,7 +202,7 @@ class DiffusersBackbone:
         transformer's base weights); ``transformer_dtype`` overrides it for the transformer (fp32
         master weights for full fine-tuning under bf16 autocast). Other keyword arguments go to
         ``__init__`` (``gradient_checkpointing``, ``vae_gradient_checkpointing``,
-        ``max_sequence_length``).
+        ``max_sequence_length``, ``transformer_device``).
         """
         if path is None:
             raise ValueError(f"backbone_path: the {cls.name} backbone needs a pipeline folder or hub id")
