@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from flowbp.config import load_config
 from flowbp.dryrun import GiB, plan_cost
-from flowbp.planner import Profile, Recipe, memory, profile_config, search
+from flowbp.planner import Profile, Recipe, memory, plan_for_gpu, profile_config
 
 PREFIXES = {"sd35": "SD3.5-M", "flux1": "FLUX.1-dev", "flux2-klein": "FLUX.2-Klein"}
 METHODS = ["refl", "draft-k", "draft-lv", "drtune", "alignprop", "leapalign",
@@ -65,14 +65,14 @@ def profiles(prefix: str, finetune: str, cache: dict) -> dict[str, Profile]:
 
 
 def cell(p: Profile, gib: int, processes: int) -> str:
-    plan = search(p, gib * GiB, processes)
+    plan = plan_for_gpu(p, gib, processes)
     if plan.best is None:
         return f"does not fit (≥ {memory(p, plan.smallest).peak / GiB:.0f} GiB)"
     return short(plan.best, p.finetune)
 
 
 def goal(p: Profile, gib: int, processes: int, text: str) -> str:
-    plan = search(p, gib * GiB, processes)
+    plan = plan_for_gpu(p, gib, processes)
     if plan.best is None:
         need = memory(p, plan.smallest).peak / GiB
         return f"| {text} | no: the smallest recipe needs {need:.1f} GiB ({short(plan.smallest, p.finetune)}) |"

@@ -31,6 +31,7 @@ step time relative to the same processes with unlimited memory (largest micro-ba
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,11 @@ from flowbp.dryrun import (
     plan_cost,
 )
 from flowbp.memory_modes import FSDP2_BASE_QUANTIZATIONS, quantizable, quantized_weight_bytes
+
+#: The share of a GPU's memory a recipe's estimate may fill. The estimate counts the tensors the step allocates;
+#: the CUDA context (~0.3–0.5 GiB), the caching allocator's fragmentation and the reward model's own activations
+#: are not in it, so a recipe estimated at 23.9 GiB would not run on a 24 GiB card.
+USABLE_FRACTION = 0.9
 
 #: Speed-model assumptions (relative cost factors), stated rather than measured; see the module doc.
 SPEED: dict[str, float] = {
@@ -364,11 +370,12 @@ def check_processes(global_batch: int, processes: int) -> None:
 @dataclass(frozen=True)
 class Plan:
     profile: Profile
-    budget: int
+    budget: int  # bytes a recipe's estimate may use (USABLE_FRACTION of the GPU's memory from the CLI)
     processes: int
     best: Recipe | None  # fastest fitting recipe
     smallest: Recipe  # least memory of all recipes
     baseline: Recipe  # unlimited memory: largest micro-batch, no saving mode
+    gpu_memory: int | None = None  # the GPU's memory the budget was derived from (None: the budget itself)
 
     @property
     def fits(self) -> bool:
@@ -378,8 +385,12 @@ class Plan:
         p = self.profile
         gib = lambda b: f"{b / GiB:.1f} GiB"  # noqa: E731
         procs = f"{self.processes} process{'es' if self.processes > 1 else ''}"
+        gpu = self.gpu_memory or self.budget
         head = (f"plan: {p.title} ({p.backbone}) × {p.method}, {p.finetune} fine-tuning, global batch "
-                f"{p.global_batch} on {procs}, {gib(self.budget)} per GPU")
+                f"{p.global_batch} on {procs}, {gib(gpu)} per GPU")
+        if self.gpu_memory is not None:
+            head += (f" (recipes may use {gib(self.budget)}: {USABLE_FRACTION:.0%}; the rest is for the CUDA "
+                     "context, the allocator's fragmentation and the reward's activations, which the estimate omits)")
         if self.best is None:
             need = memory(p, self.smallest).peak
             return (f"{head}\ndoes not fit: no recipe fits {gib(self.budget)} per GPU on {procs}; the smallest "
@@ -407,7 +418,6 @@ class Plan:
             f"  estimated peak {gib(b.peak)} per GPU (weights {gib(b.weights)}, grads + optimizer + EMA "
             f"{gib(b.optimizer)}, activations {gib(b.activations)}, reward model {gib(b.reward)})",
             f"  speed cost ×{cost:.2f} the step time with unlimited memory (modelled: flowbp.planner.SPEED)",
-            "  the estimate is a floor (no allocator overhead or reward activations): keep ~10 % of the GPU free",
         ])
 
 
@@ -441,10 +451,17 @@ def profile_config(config: Any) -> Profile:
     )
 
 
+def plan_for_gpu(p: Profile, gpu_memory_gib: float, processes: int) -> Plan:
+    """:func:`search` within ``USABLE_FRACTION`` of a GPU's memory (the estimate is a floor: see the constant)."""
+    gpu = int(gpu_memory_gib * GiB)
+    plan = search(p, int(gpu * USABLE_FRACTION), processes)
+    return dataclasses.replace(plan, gpu_memory=gpu)
+
+
 def plan_config(config: Any, gpu_memory_gib: float, processes: int) -> Plan:
     if not gpu_memory_gib > 0:
         raise ValueError(f"--gpu-memory: must be a positive number of GiB, got {gpu_memory_gib}")
     check_processes(config.batch_size, processes)  # before the (slow) profile
-    return search(profile_config(config), int(gpu_memory_gib * GiB), processes)
+    return plan_for_gpu(profile_config(config), gpu_memory_gib, processes)
 
 

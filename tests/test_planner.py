@@ -10,8 +10,8 @@ import torch
 
 from flowbp.backbones import load_backbone
 from flowbp.cli import main
-from flowbp.dryrun import ARCHITECTURES, build_meta, estimate
-from flowbp.planner import SPEED, Affine, Profile, Recipe, memory, profile, recipes, search, step_cost
+from flowbp.dryrun import ARCHITECTURES, GiB, build_meta, estimate
+from flowbp.planner import SPEED, Affine, Profile, Recipe, memory, plan_for_gpu, profile, recipes, search, step_cost
 
 NO_QUANT = {"int8": (0, 0), "float8": (0, 0), "nf4": (0, 0)}
 
@@ -52,6 +52,18 @@ def test_lora_choice_by_hand() -> None:
     assert not plan.fits and plan.smallest == Recipe(1, 1, 4, True, True, "nf4")
     assert memory(p, plan.smallest).peak == 55
     assert "does not fit" in plan.report() and "the smallest needs" in plan.report()
+
+
+def test_a_gpu_keeps_a_tenth_free() -> None:
+    """The estimate omits the CUDA context, fragmentation and the reward's activations: from the CLI a recipe may
+    use 90 % of the GPU. A 300 B GPU fits the unlimited recipe's 300 B exactly, yet the plan keeps 270 B and
+    takes the float8 base (200 B, the cheapest one change, as worked out above)."""
+    p = _profile()
+    assert search(p, 300, 1).best == Recipe(1, 4, 1, False, False)
+    plan = plan_for_gpu(p, 300.5 / GiB, 1)
+    assert (plan.gpu_memory, plan.budget) == (300, 270)
+    assert plan.best == Recipe(1, 4, 1, False, False, "float8")
+    assert "(recipes may use 0.0 GiB: 90%" in plan.report()
 
 
 def test_full_finetune_on_two_processes_by_hand() -> None:
