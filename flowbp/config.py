@@ -103,7 +103,7 @@ class TrainConfig:
     # reward-hacking guard (flowbp.guard): [{metric, tolerance, action: warn|stop}], judged at its own looks
     guard: list[dict[str, Any]] = field(default_factory=list)
     # its cadence (flowbp.guard.Schedule; null: the default): a look every guard_every steps (max(1, eval_every
-    # // 2)) at guard_samples_per_prompt images per prompt (the evaluation's); on alert (a quarter of a tolerance
+    # // 5)) at guard_samples_per_prompt images per prompt (the evaluation's); on alert (a quarter of a tolerance
     # used up) every guard_alert_every steps (max(1, guard_every // 5)) at guard_alert_samples_per_prompt (5×)
     guard_every: int | None = None
     guard_samples_per_prompt: int | None = None

@@ -7,29 +7,35 @@ A ``guard:`` list in the training config names held-out metrics and a tolerance 
       - {metric: heldout-correct, tolerance: 0.02, action: stop}
       - {metric: heldout-fd, tolerance: 1.0, action: warn}
 
-At step 0 and at every periodic evaluation (``eval_every``) the run samples the same images
-(prompt × seed, :func:`flowbp.evaluate.plan_keys`), so every image at step t has a twin at step 0.
+The guard runs its own evaluation (the guarded metrics only, no files), at its own cadence
+(:class:`Schedule`): at step 0 on the *alert* set, then every ``guard_every`` steps on the smaller
+*screen* set (its first images), and — once a look's point estimate has used up a quarter of a
+tolerance — every ``guard_alert_every`` steps on the alert set. The images are fixed (prompt × seed,
+:func:`flowbp.evaluate.plan_keys`), so every image at step t has a twin at step 0.
 
 The decision rule, for one guarded metric with tolerance ε (in the metric's own units):
 
     d_k = s · (m_k(t) − m_k(0))            one paired change per image k = (prompt, seed);
                                            s = +1 if higher is better, −1 if lower is better
-    [lo, hi] = Student-t 95% interval of mean_k d_k          (flowbp.stats.mean_ci)
-    triggered  ⇔  hi < −ε                  "fallen by more than ε, and the interval excludes ε"
+    U = one-sided Student-t upper bound of mean_k d_k at guard_confidence (0.99)
+    triggered  ⇔  U < −ε                   "fallen by more than ε, and the bound excludes ε"
 
 so a drop inside the tolerance never triggers, and a drop larger than ε triggers only once the
-evaluation is precise enough to say so. The unit is the image: conditionally on the fixed evaluation
-prompts the per-image differences are independent, and pooling prompts into one variance estimate
-over-states the variance of the (stratified) mean, so the interval is conservative.
+look is precise enough to say so. The guard looks many times; the per-look 99% bound (not 97.5%) keeps
+the chance that a run sitting exactly at the tolerance is ever stopped below 5% over 30 looks when the
+looks share their images (tests/test_guard.py measures it on constructed series). The unit is the image:
+conditionally on the fixed evaluation prompts the per-image differences are independent, and pooling prompts
+into one variance estimate over-states the variance of the (stratified) mean, so the bound is conservative.
 
 Fréchet distance is not a per-image quantity. ``heldout-fd`` (digits) is guarded with a *paired
 bootstrap*: resample the image keys with replacement (the same keys at step 0 and at step t), take
 FD(step t) − FD(step 0) against the fixed real reference on each resample, and use the 2.5 / 97.5
-percentiles of that difference as the interval (its point estimate is the difference on all images).
+percentiles of that difference as the interval and its ``guard_confidence`` percentile as the bound U
+(the point estimate is the difference on all images).
 Pairing keeps the shared variation of the two sets out of the interval, exactly as for per-image metrics.
 
 ``action: warn`` logs, and records the event in summary.json; ``action: stop`` also ends training
-cleanly after a checkpoint (exit status 0; summary.json says why). Every evaluation that no guard
+cleanly after a checkpoint (exit status 0; summary.json says why). Every look that no guard
 flags writes a checkpoint, hard-linked to ``RUN/guard/last-good`` (pruning of old checkpoints cannot
 remove it); summary.json names it. The guard's state (baseline, evaluations, events) is part of every
 checkpoint, so a resumed run keeps it.
@@ -163,11 +169,11 @@ def check_schedule(config: Any) -> None:
 
 
 def schedule_of(config: Any) -> Schedule:
-    """The schedule with its defaults filled in: looks every max(1, eval_every // 2) steps at the evaluation's
+    """The schedule with its defaults filled in: looks every max(1, eval_every // 5) steps at the evaluation's
     images, on alert every max(1, every // 5) steps at five times as many (see :class:`Schedule`)."""
     from flowbp.evaluate import eval_size
 
-    every = _positive(config, "guard_every") or max(1, (config.eval_every or 0) // 2)
+    every = _positive(config, "guard_every") or max(1, (config.eval_every or 0) // 5)
     screen = _positive(config, "guard_samples_per_prompt") or eval_size(config)[1]
     alert = _positive(config, "guard_alert_samples_per_prompt") or 5 * screen
     alert_every = _positive(config, "guard_alert_every") or max(1, every // 5)
@@ -182,7 +188,7 @@ def check_config(config: Any) -> None:
         return
     if not config.eval_every and not getattr(config, "guard_every", None):
         raise ValueError(
-            "guard: needs a cadence; set guard_every (or eval_every: the guard then looks every eval_every // 2 "
+            "guard: needs a cadence; set guard_every (or eval_every: the guard then looks every eval_every // 5 "
             "steps) to a positive number of steps"
         )
     known = guardable_metrics(config, config.backbone)

@@ -286,7 +286,7 @@ def test_schedule_defaults_and_alert_cadence() -> None:
     from flowbp.guard import schedule_of
 
     s = schedule_of(load_config(None, {"eval_every": 10}))
-    assert (s.every, s.samples_per_prompt, s.alert_every, s.alert_samples_per_prompt) == (5, 20, 1, 100)
+    assert (s.every, s.samples_per_prompt, s.alert_every, s.alert_samples_per_prompt) == (2, 20, 1, 100)
     assert s.confidence == 0.99 and s.seed == 2024
     s = schedule_of(load_config(None, {"guard_every": 12, "guard_samples_per_prompt": 4}))
     assert (s.every, s.alert_every, s.alert_samples_per_prompt) == (12, 2, 20)
