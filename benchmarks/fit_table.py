@@ -1,6 +1,11 @@
 """What fits where: the planner's recipe for every backbone × method × GPU size × process count.
 
-    nice -n 10 python benchmarks/fit_table.py > fit.md     # the tables of docs/memory.md
+    nice -n 10 python benchmarks/fit_table.py            # print the tables
+    nice -n 10 python benchmarks/fit_table.py --write    # and write them into docs/memory.md and README.md
+
+``--write`` replaces what lies between the ``<!-- fit-table:begin/end -->`` markers of docs/memory.md
+(every preset) and between the ``<!-- fit-summary:begin/end -->`` markers of README.md (FlowBP-Lagrange
+per backbone: the same cells; tests/test_readme.py checks that the two agree).
 
 For each shipped real-backbone preset (512 px, bf16, the paper's global batch of the preset) and for
 LoRA (rank of the preset) and full fine-tuning, it runs the planner of ``flowbp train --dry-run
@@ -74,29 +79,62 @@ def goal(p: Profile, gib: int, processes: int, text: str) -> str:
     return f"| {text} | yes: {short(plan.best, p.finetune)}, estimated {peak:.1f} GiB |"
 
 
-def main() -> None:
-    torch.set_num_threads(1)
-    cache: dict = {}
-    all_profiles = {(prefix, ft): profiles(prefix, ft, cache) for prefix in PREFIXES for ft in ("lora", "full")}
+def render(all_profiles: dict[tuple[str, str], dict[str, Profile]]) -> tuple[str, str]:
+    """(the full tables with the goals, the README's FlowBP-Lagrange summary) as Markdown."""
     header = " | ".join(f"{g} GiB × {p}" for p in PROCESSES for g in SIZES)
+    rule = "|---|---:|" + "---|" * (len(SIZES) * len(PROCESSES))
+    full: list[str] = []
+    summary = [f"| preset | fine-tuning | global batch | {header} |", rule.replace("|---|", "|---|---|", 1)]
     for finetune in ("lora", "full"):
         title = "LoRA (the presets' rank)" if finetune == "lora" else "Full fine-tuning"
-        print(f"\n### {title}\n")
-        print(f"| preset | global batch | {header} |")
-        print("|---|---:|" + "---|" * (len(SIZES) * len(PROCESSES)))
+        full += [f"### {title}", "", f"| preset | global batch | {header} |", rule]
         for prefix in PREFIXES:
             for method, p in all_profiles[(prefix, finetune)].items():
                 cells = " | ".join(cell(p, g, n) for n in PROCESSES for g in SIZES)
-                print(f"| {prefix}-{method} | {p.global_batch} | {cells} |", flush=True)
+                full.append(f"| {prefix}-{method} | {p.global_batch} | {cells} |")
+                if method == "flowbp-lagrange":
+                    summary.append(f"| {prefix}-{method} | {finetune} | {p.global_batch} | {cells} |")
+        full.append("")
     lag = {k: v["flowbp-lagrange"] for k, v in all_profiles.items()}
-    print("\n### The issue's goals (FlowBP-Lagrange, 512 px, the paper's global batch)\n")
-    print("| goal | met by the estimate? |")
-    print("|---|---|")
-    print(goal(lag[("sd35", "lora")], 16, 1, "SD3.5-M LoRA on one 16 GiB GPU"))
+    full += ["### The goals (FlowBP-Lagrange, 512 px, the paper's global batch)", "",
+             "| goal | met by the estimate? |", "|---|---|",
+             goal(lag[("sd35", "lora")], 16, 1, "SD3.5-M LoRA on one 16 GiB GPU")]
     for prefix in ("flux1", "flux2-klein"):
-        print(goal(lag[(prefix, "lora")], 24, 1, f"{PREFIXES[prefix]} LoRA on one 24 GiB GPU"))
-        print(goal(lag[(prefix, "lora")], 24, 8, f"{PREFIXES[prefix]} LoRA on 8 × 24 GiB"))
-    print(goal(lag[("sd35", "full")], 48, 8, "SD3.5-M full fine-tuning on 8 × 48 GiB"))
+        full.append(goal(lag[(prefix, "lora")], 24, 1, f"{PREFIXES[prefix]} LoRA on one 24 GiB GPU"))
+        full.append(goal(lag[(prefix, "lora")], 24, 8, f"{PREFIXES[prefix]} LoRA on 8 × 24 GiB"))
+    full.append(goal(lag[("sd35", "full")], 48, 8, "SD3.5-M full fine-tuning on 8 × 48 GiB"))
+    return "\n".join(full) + "\n", "\n".join(summary) + "\n"
+
+
+def replace_between(path: Path, name: str, text: str) -> None:
+    """Replace the lines between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` in ``path`` (atomically)."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    old = path.read_text()
+    if old.count(begin) != 1 or old.count(end) != 1:
+        raise SystemExit(f"{path}: needs exactly one {begin} and one {end} line")
+    head, rest = old.split(begin)
+    _, tail = rest.split(end)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(f"{head}{begin}\n{text}{end}{tail}")
+    tmp.replace(path)
+
+
+def main() -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write", action="store_true", help="write into docs/memory.md and README.md")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    cache: dict = {}
+    all_profiles = {(prefix, ft): profiles(prefix, ft, cache) for prefix in PREFIXES for ft in ("lora", "full")}
+    full, summary = render(all_profiles)
+    print(full)
+    if args.write:
+        root = Path(__file__).resolve().parent.parent
+        replace_between(root / "docs" / "memory.md", "fit-table", full)
+        replace_between(root / "README.md", "fit-summary", summary)
+        print("written: docs/memory.md, README.md", file=sys.stderr)
 
 
 if __name__ == "__main__":

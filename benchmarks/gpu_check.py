@@ -18,6 +18,15 @@ reports step time and peak allocated memory (``torch.cuda.max_memory_allocated``
 embeddings and move the encoders off the accelerator): fixed random prompt embeddings of the real
 shapes stand in for them, and the latents use the transformer's token layout, reshaped (not
 un-patchified) for the VAE: shapes and memory are those of the real step, the values are not.
+
+``--modes`` measures the memory modes the same way, each beside the dry run's estimate of that mode
+(FlowBP-Lagrange only; ``lora`` is the plain run above)::
+
+    python benchmarks/gpu_check.py --modes lora lora-int8 lora-float8 lora-nf4 full full-adamw8bit \
+        --out gpu_modes.json
+
+A mode whose estimate exceeds the device's memory is reported as skipped (full fine-tuning of the 12B
+FLUX transformers needs FSDP over several GPUs; this script runs on one).
 """
 
 from __future__ import annotations
@@ -36,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from flowbp.config import load_config
 from flowbp.dryrun import ARCHITECTURES, Architecture, GiB, estimate
 from flowbp.engine import surrogate
+from flowbp.memory_modes import make_adamw, quantize_frozen
 from flowbp.methods import make_plan
 from flowbp.rewards import load_reward
 from flowbp.trajectory import rollout, training_sigmas
@@ -53,6 +63,16 @@ NARROW_TRANSFORMER = {
                     "axes_dims_rope": (4, 4, 4, 4), "timestep_guidance_channels": 16},
 }
 NARROW_VAE = {"block_out_channels": [8, 8, 8, 8], "norm_num_groups": 4, "layers_per_block": 1}
+
+#: ``--modes``: name -> the config keys of the memory mode (the trainer's names and values)
+MODES: dict[str, dict[str, Any]] = {
+    "lora": {"finetune": "lora"},
+    "lora-int8": {"finetune": "lora", "base_quantization": "int8"},
+    "lora-float8": {"finetune": "lora", "base_quantization": "float8"},
+    "lora-nf4": {"finetune": "lora", "base_quantization": "nf4"},
+    "full": {"finetune": "full"},
+    "full-adamw8bit": {"finetune": "full", "optimizer": "adamw8bit"},
+}
 
 
 def narrow(arch: Architecture) -> Architecture:
@@ -135,79 +155,122 @@ def make_velocity(arch: Architecture, transformer: torch.nn.Module, batch: int, 
 
 
 def run_step(method: str, method_args: dict[str, Any], velocity, shape, vae, params, steps: int,
-             device: torch.device, dtype: torch.dtype, resolution: int) -> dict[str, float]:
-    reward = load_reward("digit-contrast")
+             device: torch.device, dtype: torch.dtype, resolution: int, optimizer_name: str = "adamw",
+             autocast: bool = False) -> dict[str, float]:
+    """Two training steps as the trainer runs them (EMA copy kept); the second one is measured, so the
+    optimizer moments exist during its forwards, as in every step after the first."""
+    reward = load_reward("digit-contrast").to(device)
     sigmas = training_sigmas(steps, 3.0)
     noise = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(device)
-    traj = rollout(velocity, noise, sigmas)
-    plan = make_plan(method, sigmas, 0, **method_args)
-    optimizer = torch.optim.AdamW(params, lr=1e-5)
+    optimizer = make_adamw(params, optimizer_name, lr=1e-5)
+    ema = [p.detach().clone().float() for p in params]  # the trainer's EMA of the trainable weights
     cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    out = surrogate(plan, traj, velocity)
     side = resolution // 8
-    losses = []
-    for x in out.inputs:
-        z = x.reshape(x.shape[0], -1, side, side).to(dtype)
-        image = (vae.decode(z, return_dict=False)[0].float() * 0.5 + 0.5).clamp(0, 1)
-        losses.append(-reward(image, [""] * x.shape[0]).mean())
-    loss = torch.stack(losses).mean()
-    loss.backward()
-    grad_norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])).item()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    if cuda:
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / GiB if cuda else float("nan")
-    return {"grad_forwards": plan.grad_forwards, "step_s": seconds, "peak_gib": peak, "grad_norm": grad_norm}
+    out: dict[str, float] = {}
+    for step in range(2):
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=dtype, enabled=autocast):
+            traj = rollout(velocity, noise, sigmas)
+            if cuda:
+                torch.cuda.synchronize()
+            rollout_s = time.perf_counter() - start
+            plan = make_plan(method, sigmas, step, **method_args)
+            sur = surrogate(plan, traj, velocity)
+            losses = []
+            for x in sur.inputs:
+                z = x.reshape(x.shape[0], -1, side, side).to(dtype)
+                image = (vae.decode(z, return_dict=False)[0].float() * 0.5 + 0.5).clamp(0, 1)
+                losses.append(-reward(image, [""] * x.shape[0]).mean())
+            loss = torch.stack(losses).mean()
+        loss.backward()
+        grad_norm = torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None])).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for e, p in zip(ema, params, strict=True):
+                e.lerp_(p.float(), 0.01)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        peak = torch.cuda.max_memory_allocated() / GiB if cuda else float("nan")
+        out = {"grad_forwards": plan.grad_forwards, "step_s": seconds, "rollout_s": rollout_s, "peak_gib": peak,
+               "grad_norm": grad_norm}
+        del traj, sur, losses, loss
+    return out
+
+
+def prepare(arch: Architecture, mode: dict[str, Any], dtype: torch.dtype, device: torch.device):
+    """The transformer and VAE set up as the trainer sets up ``mode`` (returns them and the trained parameters)."""
+    transformer, vae = build(arch, dtype, device)
+    transformer.enable_gradient_checkpointing()
+    if mode.get("finetune", "lora") == "lora":
+        quantize_frozen(transformer, mode.get("base_quantization", "none"))  # before the LoRA, as training does
+        params = add_lora(transformer, arch)
+    else:  # fp32 master weights, bf16 compute under autocast (accelerate's mixed_precision: bf16)
+        transformer.float().requires_grad_(True)
+        params = list(transformer.parameters())
+    return transformer, vae, params
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbones", nargs="+", default=list(ARCHITECTURES), choices=list(ARCHITECTURES))
+    parser.add_argument("--backbones", nargs="+", default=list(PRESET), choices=list(PRESET))
     parser.add_argument("--resolution", type=int, default=512)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON")
     parser.add_argument("--narrow", action="store_true", help="one narrow block per kind: a CPU smoke run")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=None,
+                        help="memory modes to measure with FlowBP-Lagrange (default: the LoRA Lagrange and "
+                             "AlignProp rows)")
     args = parser.parse_args(argv)
     device, dtype = torch.device(args.device), torch.bfloat16
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
+    capacity = torch.cuda.get_device_properties(device).total_memory / GiB if device.type == "cuda" else None
     rows = []
     for name in args.backbones:
         arch = narrow(ARCHITECTURES[name]) if args.narrow else ARCHITECTURES[name]
-        t0 = time.perf_counter()
-        transformer, vae = build(arch, dtype, device)
-        transformer.enable_gradient_checkpointing()
-        params = add_lora(transformer, arch)
-        built = time.perf_counter() - t0
         lagrange = load_config(f"{PRESET[name]}-flowbp-lagrange")
         guidance = float(lagrange.guidance_scale)
-        velocity, shape = make_velocity(arch, transformer, 1, args.resolution, guidance, dtype, device)
-        methods = (("flowbp-lagrange", dict(lagrange.method_args)), ("alignprop", {"checkpoint": True}))
-        for method, method_args in methods:
-            measured = run_step(method, method_args, velocity, shape, vae, params, args.steps, device, dtype,
-                                args.resolution)
+        runs = [("lora", "flowbp-lagrange", dict(lagrange.method_args)), ("lora", "alignprop", {"checkpoint": True})]
+        if args.modes:
+            runs = [(mode, "flowbp-lagrange", dict(lagrange.method_args)) for mode in args.modes]
+        for mode_name, method, method_args in runs:
+            mode = MODES[mode_name]
             est = estimate(arch, method, method_args, resolution=args.resolution, batch_size=1, num_steps=args.steps,
-                           finetune="lora", lora_rank=8, dtype=dtype, guidance_scale=guidance, detach_negative=True,
-                           gradient_checkpointing=True)
-            row = {"backbone": name, "method": method, "resolution": args.resolution, "build_s": built, **measured,
-                   "estimate_gib": est.peak_bytes / GiB, "estimate_grad_forwards": est.grad_forwards}
+                           lora_rank=8, dtype=dtype, guidance_scale=guidance, detach_negative=True,
+                           gradient_checkpointing=True, **mode)
+            row: dict[str, Any] = {"backbone": name, "mode": mode_name, "method": method,
+                                   "resolution": args.resolution, "estimate_gib": est.peak_bytes / GiB,
+                                   "estimate_grad_forwards": est.grad_forwards}
+            if capacity is not None and est.peak_bytes / GiB > 0.95 * capacity:
+                row["skipped"] = f"estimate {est.peak_bytes / GiB:.1f} GiB > 95% of the device's {capacity:.0f} GiB"
+            else:
+                t0 = time.perf_counter()
+                transformer, vae, params = prepare(arch, mode, dtype, device)
+                row["build_s"] = time.perf_counter() - t0
+                velocity, shape = make_velocity(arch, transformer, 1, args.resolution, guidance, dtype, device)
+                row.update(run_step(method, method_args, velocity, shape, vae, params, args.steps, device, dtype,
+                                    args.resolution, mode.get("optimizer", "adamw"),
+                                    autocast=mode["finetune"] == "full"))
+                del transformer, vae, params, velocity
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
             rows.append(row)
             print(json.dumps(row), flush=True)
-        del transformer, vae, params, velocity
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    print("\n| backbone | method | grad fwd | step (s) | peak measured | --dry-run estimate |")
-    print("|---|---|---:|---:|---:|---:|")
+    print("\n| backbone | mode | method | grad fwd | step (s) | rollout (s) | peak measured | --dry-run estimate |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['backbone']} | {r['method']} | {r['grad_forwards']} | {r['step_s']:.1f} | "
-              f"{r['peak_gib']:.1f} GiB | {r['estimate_gib']:.1f} GiB |")
+        if "skipped" in r:
+            print(f"| {r['backbone']} | {r['mode']} | {r['method']} | | | | skipped: {r['skipped']} | "
+                  f"{r['estimate_gib']:.1f} GiB |")
+            continue
+        print(f"| {r['backbone']} | {r['mode']} | {r['method']} | {r['grad_forwards']} | {r['step_s']:.1f} | "
+              f"{r['rollout_s']:.1f} | {r['peak_gib']:.1f} GiB | {r['estimate_gib']:.1f} GiB |")
     if args.out is not None:
         args.out.write_text(json.dumps(rows, indent=2) + "\n")
     return 0

@@ -33,7 +33,7 @@ import torch
 
 from flowbp import _testing_hooks as hooks
 from flowbp import guard, stop
-from flowbp.checkpoint import atomic_write_text, clean_temporaries
+from flowbp.checkpoint import atomic_write_text, clean_temporaries, read_checkpoint_meta
 from flowbp.config import TrainConfig, load_config, save_config, validate_against_components
 from flowbp.evaluate import check_eval_plan, eval_scorers, eval_size, periodic_eval
 from flowbp.images import plot_curves
@@ -96,7 +96,9 @@ def setup(config: TrainConfig, run_dir: Path | None = None, resume_from: Path | 
 
     validate_against_components(config)
     run_dir = Path(run_dir or config.output_dir or default_run_dir(config))
-    accelerator = make_accelerator(config, run_dir)
+    # a resumed run logs again from the step after its checkpoint's: TensorBoard drops the older copies
+    purge = int(read_checkpoint_meta(resume_from, hashes=False)["step"]) + 1 if resume_from else None
+    accelerator = make_accelerator(config, run_dir, purge_step=purge)
     shards = accelerator.num_processes * config.gradient_accumulation_steps
     if config.batch_size % shards:
         raise ValueError(
@@ -196,9 +198,6 @@ def train(
     c = run.config
     if c.trackers():
         flat = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in c.to_dict().items()}
-        for tracker in run.accelerator.log_with:
-            if getattr(tracker, "name", None) == "tensorboard":  # a resumed run rewrites its steps after the checkpoint
-                tracker.init_kwargs["purge_step"] = run.step or None
         run.accelerator.init_trackers("flowbp", config=flat if ckpt is None else None)
     ended = False
     try:

@@ -103,3 +103,31 @@ def test_no_internal_work_items(page: Path) -> None:
     text = page.read_text()
     assert not re.search(r"\bissue \d+\w*", text, re.I), page.name
     assert "DESIGN.md" not in text, page.name
+
+
+def _between(text: str, name: str) -> list[str]:
+    match = re.search(rf"<!-- {name}:begin -->\n(.*?)<!-- {name}:end -->", text, re.S)
+    assert match, f"missing <!-- {name}:begin/end --> markers"
+    return [line for line in match.group(1).splitlines() if line.startswith("| ")]
+
+
+def test_readme_fit_summary_agrees_with_the_generated_table() -> None:
+    """The README's FlowBP-Lagrange rows are the docs table's cells (both written by fit_table.py --write)."""
+    summary = _between(_readme(), "fit-summary")[1:]  # after the header row
+    table = _between((ROOT / "docs" / "memory.md").read_text(), "fit-table")
+    assert summary, "the README's fit summary is empty: run python benchmarks/fit_table.py --write"
+    sections = {"lora": [], "full": []}
+    current = None
+    text = (ROOT / "docs" / "memory.md").read_text().split("<!-- fit-table:begin -->")[1]
+    for line in text.splitlines():
+        if line.startswith("### "):
+            current = "lora" if "LoRA" in line else "full" if "Full" in line else None
+        elif line.startswith("| ") and current and "-flowbp-lagrange |" in line:
+            sections[current].append(line)
+    assert table
+    for row in summary:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        preset, finetune, rest = cells[0], cells[1], cells[2:]
+        docs_row = [r for r in sections[finetune] if r.startswith(f"| {preset} |")]
+        assert len(docs_row) == 1, f"{preset} ({finetune}) is not in docs/memory.md's table"
+        assert [c.strip() for c in docs_row[0].strip("|").split("|")][1:] == rest

@@ -105,6 +105,12 @@ def test_sigkill_anywhere_then_resume_gives_the_uninterrupted_weights(
     assert not list((run / "checkpoints").glob(".*"))  # temporaries cleaned
     assert json.loads((run / "summary.json").read_text())["steps"] == 4
     assert [h["step"] for h in json.loads((run / "history.json").read_text())] == [1, 2, 3, 4]
+    # TensorBoard: each step once (what the killed run logged after its checkpoint is purged on resume)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
     assert_same_weights(run, reference)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,8 +14,11 @@ if TYPE_CHECKING:  # not imported at run time: flowbp.evaluate uses this package
     from flowbp.config import TrainConfig
 
 
-def make_accelerator(config: TrainConfig, run_dir: Path) -> Any:
-    """accelerate decides the topology (launcher / config file): DDP for LoRA, FSDP2 if the preset asks."""
+def make_accelerator(config: TrainConfig, run_dir: Path, purge_step: int | None = None) -> Any:
+    """accelerate decides the topology (launcher / config file): DDP for LoRA, FSDP2 if the preset asks.
+
+    ``purge_step``: a resumed run's step; TensorBoard drops the events logged after it (they are rewritten).
+    """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
 
@@ -23,9 +27,12 @@ def make_accelerator(config: TrainConfig, run_dir: Path) -> Any:
         raise ValueError("device: 'cuda' requested but no CUDA device is available")
     from accelerate.tracking import TensorBoardTracker
 
-    # TensorBoard logs straight into run_dir/tensorboard (accelerate's own would add a project subfolder)
+    # TensorBoard logs straight into run_dir/tensorboard (accelerate's own would add a project subfolder).
+    # Built on the main process only: accelerate < 1.7 opens the writer in the constructor.
+    main = os.environ.get("RANK", "0") == "0"
     trackers = [
-        TensorBoardTracker("", str(run_dir / "tensorboard")) if name == "tensorboard" else name
+        TensorBoardTracker("", str(run_dir / "tensorboard"), purge_step=purge_step)
+        if name == "tensorboard" and main else name
         for name in config.trackers()
     ]
     accelerator = Accelerator(
