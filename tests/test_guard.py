@@ -253,6 +253,7 @@ def test_guard_stops_a_hacking_run_and_resume_keeps_its_state(tmp_path: Path) ->
             "loss": "linear",
             "learning_rate": 0.01,
             "eval_every": 1,
+            "guard_alert_samples_per_prompt": 6,  # one image set: looks every step reuse the periodic evaluation
             "output_dir": str(out),
             "log_with": "none",
             "guard": [
@@ -328,11 +329,11 @@ def test_looks_happen_at_the_claimed_steps(tmp_path: Path) -> None:
     config = load_config(
         None,
         {
-            "steps": 14, "batch_size": 8, "num_inference_steps": 4, "eval_samples_per_prompt": 2,
+            "steps": 10, "batch_size": 8, "num_inference_steps": 4, "eval_samples_per_prompt": 2,
             "eval_at_start": False, "sample_every": 0, "checkpoint_every": 0, "progress": False,
-            "reward": "digit-contrast", "loss": "linear", "learning_rate": 0.01, "eval_every": 7,
+            "reward": "digit-contrast", "loss": "linear", "learning_rate": 0.01, "eval_every": 5,
             "output_dir": str(out), "log_with": "none",
-            "guard": [{"metric": "heldout-correct", "tolerance": 0.3, "action": "warn"}],
+            "guard": [{"metric": "heldout-correct", "tolerance": 0.02, "action": "warn"}],  # one lost image: alert
             "guard_every": 3, "guard_samples_per_prompt": 2, "guard_alert_every": 1,
             "guard_alert_samples_per_prompt": 4,
         },
@@ -344,9 +345,9 @@ def test_looks_happen_at_the_claimed_steps(tmp_path: Path) -> None:
         alert = bool(prev.get("alert"))
         assert cur["step"] - prev["step"] == (1 if alert else 3), (prev, cur)
         assert cur["n"] == (40 if alert else 20), (prev, cur)
-    assert evals[-1]["step"] > 14 - 3 and summary["guard"]["looks"] == len(evals)
+    assert evals[-1]["step"] > 10 - 3 and summary["guard"]["looks"] == len(evals)
     assert any(e.get("alert") for e in evals[1:-1]), "the run never went on alert: the test shows nothing"
-    assert sorted(p.name for p in (out / "eval").iterdir()) == ["step-000007", "step-000014"]
+    assert sorted(p.name for p in (out / "eval").iterdir()) == ["step-000005", "step-000010"]
 
 
 def test_tensorboard_and_pareto_outputs(tmp_path: Path) -> None:
