@@ -33,12 +33,12 @@ import torch
 
 from flowbp import _testing_hooks as hooks
 from flowbp import guard, stop
-from flowbp.checkpoint import atomic_write_text, clean_temporaries, read_checkpoint_meta
+from flowbp.checkpoint import atomic_write_text, clean_temporaries
 from flowbp.config import TrainConfig, load_config, save_config, validate_against_components
 from flowbp.evaluate import check_eval_plan, eval_scorers, eval_size, periodic_eval
 from flowbp.images import plot_curves
 from flowbp.stats import mean_ci
-from flowbp.training.accelerator import any_rank, make_accelerator
+from flowbp.training.accelerator import any_rank, make_accelerator, start_trackers
 from flowbp.training.checkpoints import RESUMABLE_CHANGES, open_run, restore, save_run_checkpoint
 from flowbp.training.components import (
     build_backbone,
@@ -96,9 +96,7 @@ def setup(config: TrainConfig, run_dir: Path | None = None, resume_from: Path | 
 
     validate_against_components(config)
     run_dir = Path(run_dir or config.output_dir or default_run_dir(config))
-    # a resumed run logs again from the step after its checkpoint's: TensorBoard drops the older copies
-    purge = int(read_checkpoint_meta(resume_from, hashes=False)["step"]) + 1 if resume_from else None
-    accelerator = make_accelerator(config, run_dir, purge_step=purge)
+    accelerator = make_accelerator(config, run_dir)
     shards = accelerator.num_processes * config.gradient_accumulation_steps
     if config.batch_size % shards:
         raise ValueError(
@@ -198,7 +196,9 @@ def train(
     c = run.config
     if c.trackers():
         flat = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in c.to_dict().items()}
-        run.accelerator.init_trackers("flowbp", config=flat if ckpt is None else None)
+        # a resumed run logs again from the step after its checkpoint's (from 1 when it starts over)
+        purge = run.step + 1 if resume is not None else None
+        start_trackers(run.accelerator, c, run_dir, flat if ckpt is None else None, purge)
     ended = False
     try:
         with stop_on_signals(run):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,10 +13,11 @@ if TYPE_CHECKING:  # not imported at run time: flowbp.evaluate uses this package
     from flowbp.config import TrainConfig
 
 
-def make_accelerator(config: TrainConfig, run_dir: Path, purge_step: int | None = None) -> Any:
+def make_accelerator(config: TrainConfig, run_dir: Path) -> Any:
     """accelerate decides the topology (launcher / config file): DDP for LoRA, FSDP2 if the preset asks.
 
-    ``purge_step``: a resumed run's step; TensorBoard drops the events logged after it (they are rewritten).
+    Nothing is written here (a config error found later must leave no run folder): TensorBoard joins
+    the trackers in :func:`start_trackers`.
     """
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -25,25 +25,32 @@ def make_accelerator(config: TrainConfig, run_dir: Path, purge_step: int | None 
     cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
     if config.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: 'cuda' requested but no CUDA device is available")
-    from accelerate.tracking import TensorBoardTracker
-
-    # TensorBoard logs straight into run_dir/tensorboard (accelerate's own would add a project subfolder).
-    # Built on the main process only: accelerate < 1.7 opens the writer in the constructor.
-    main = os.environ.get("RANK", "0") == "0"
-    trackers = [
-        TensorBoardTracker("", str(run_dir / "tensorboard"), purge_step=purge_step)
-        if name == "tensorboard" and main else name
-        for name in config.trackers()
-    ]
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
-        log_with=trackers or None,
+        log_with=[name for name in config.trackers() if name != "tensorboard"] or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "tensorboard")),
     )
     hooks.fsdp2_on_cpu(accelerator)
     return accelerator
+
+
+def start_trackers(
+    accelerator: Any, config: TrainConfig, run_dir: Path, hparams: dict[str, Any] | None, purge_step: int | None
+) -> None:
+    """Start the config's trackers (main process only, as accelerate does).
+
+    TensorBoard logs straight into run_dir/tensorboard (accelerate's own would add a project subfolder);
+    ``purge_step``: a resumed run logs again from that step, so TensorBoard drops the older copies. The
+    tracker object is made here, not in :func:`make_accelerator`: accelerate < 1.7 opens the writer (and
+    its folder) in the constructor.
+    """
+    if "tensorboard" in config.trackers() and accelerator.is_main_process:
+        from accelerate.tracking import TensorBoardTracker
+
+        accelerator.log_with.append(TensorBoardTracker("", str(run_dir / "tensorboard"), purge_step=purge_step))
+    accelerator.init_trackers("flowbp", config=hparams)
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
