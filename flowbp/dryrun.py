@@ -472,6 +472,10 @@ class Estimate:
     fsdp_layout: Estimate | None = None  # with one process: the estimate of the paper's 8-process layout
     base_quantization: str = "none"
     optimizer: str = "adamw"
+    vae_bytes: int = 0  # part of weights_bytes: not sharded by FSDP2 (only the transformer is)
+    #: what FSDP2 holds gathered at once: two blocks (one computing, one prefetched) and the parameters
+    #: outside the blocks (the root group), in the compute dtype
+    gathered_bytes: int = 0
 
     @property
     def global_batch(self) -> int:
@@ -490,8 +494,12 @@ class Estimate:
         return self.weights_bytes + self.optimizer_bytes + self.activation_bytes
 
     def sharded_peak_bytes(self, gpus: int) -> int:
-        """Per-GPU peak with FSDP full sharding over ``gpus`` (weights and optimizer split; the paper's setup)."""
-        return (self.weights_bytes + self.optimizer_bytes) // gpus + self.activation_bytes
+        """Per-GPU peak with FSDP2 sharding the transformer over ``gpus`` (full fine-tuning as in the paper, or a
+        LoRA with its frozen base): its weights and the optimizer split, plus the gathered blocks (as
+        :func:`flowbp.planner.memory`)."""
+        transformer = self.weights_bytes - self.vae_bytes
+        return (transformer // gpus + self.gathered_bytes + self.vae_bytes + self.optimizer_bytes // gpus
+                + self.activation_bytes)
 
     def report(self) -> str:
         g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
@@ -591,6 +599,8 @@ def estimate(
     if model is None:
         model = build_meta(arch.transformer_class, arch.transformer_config, dtype)
     parameters = sum(p.numel() for p in model.parameters())
+    block_sizes = [sum(p.numel() for p in b.parameters()) for b in _blocks(model)]
+    gathered = (2 * max(block_sizes, default=0) + parameters - sum(block_sizes)) * _BYTES[dtype]
     quantized_saving = _quantized_saving(model, base_quantization, _BYTES[dtype])
     if finetune == "lora":
         model.requires_grad_(False)
@@ -631,6 +641,7 @@ def estimate(
         forward_bytes=forward, decode_bytes=decode, grad_forwards=forwards, reward_inputs=reward_inputs,
         checkpointed_plan=ckpt_plan, weights_bytes=weights, optimizer_bytes=optimizer_bytes,
         latent_bytes=latent_numel * 4, base_quantization=base_quantization, optimizer=optimizer,
+        vae_bytes=vae_params * elem, gathered_bytes=gathered,
     )
 
 

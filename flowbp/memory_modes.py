@@ -23,20 +23,26 @@ import torch
 from torch import nn
 
 BASE_QUANTIZATIONS = ("none", "int8", "float8", "nf4")
+#: The modes whose quantized weights FSDP2's ``fully_shard`` can shard (torchao's NF4Tensor implements the
+#: FSDP2 all-gather hooks; its Int8Tensor / Float8Tensor lack the ops sharding needs: ``aten.split``).
+FSDP2_BASE_QUANTIZATIONS = ("none", "nf4")
 OPTIMIZERS = ("adamw", "adamw8bit")
 #: torchao's NF4 blocks: 64 weights share one scale, 256 scales share one float32 scaler.
 NF4_BLOCK, NF4_SCALER_BLOCK = 64, 256
 
 
-def quantizable(layer: nn.Module, mode: str) -> bool:
+def quantizable(layer: nn.Module, mode: str, shards: int = 1) -> bool:
     """Whether ``mode`` stores this layer's weight quantized (the planner counts the same layers).
 
     Every ``nn.Linear`` qualifies for int8/float8; nf4 needs whole blocks (numel divisible by 64 × 256).
+    Sharded by FSDP2 over ``shards`` processes, an nf4 weight must split into equal row shards of whole
+    scaler blocks (torchao's NF4 split); the few small layers that do not stay unquantized.
     """
     if mode == "none" or not isinstance(layer, nn.Linear):
         return False
     if mode == "nf4":
-        return layer.weight.numel() % (NF4_BLOCK * NF4_SCALER_BLOCK) == 0
+        out_features = layer.weight.shape[0]
+        return layer.weight.numel() % (NF4_BLOCK * NF4_SCALER_BLOCK * shards) == 0 and out_features % shards == 0
     return True
 
 
@@ -57,6 +63,16 @@ def quantized_weight_bytes(out_features: int, in_features: int, mode: str, dtype
         blocks = numel // NF4_BLOCK
         return numel // 2 + blocks + (blocks // NF4_SCALER_BLOCK + 16 + 1) * elem
     raise ValueError(f"base_quantization: unknown mode {mode!r}; allowed: {', '.join(BASE_QUANTIZATIONS)}")
+
+
+def check_fsdp2(base_quantization: str) -> None:
+    """One-line error for a base quantization that FSDP2 cannot shard (checked before anything is built)."""
+    if base_quantization not in FSDP2_BASE_QUANTIZATIONS:
+        raise ValueError(
+            f"base_quantization: {base_quantization!r} cannot be sharded by FSDP2 (torchao's quantized tensor "
+            f"lacks the ops fully_shard needs); allowed under FSDP2: {', '.join(FSDP2_BASE_QUANTIZATIONS)} "
+            "(or launch data-parallel with the multi-gpu preset)"
+        )
 
 
 def check_mode_available(base_quantization: str = "none", optimizer: str = "adamw") -> None:
@@ -98,18 +114,18 @@ def _frozen_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
-def quantize_frozen(model: nn.Module, mode: str) -> int:
+def quantize_frozen(model: nn.Module, mode: str, shards: int = 1) -> int:
     """Quantize ``model``'s qualifying ``nn.Linear`` weights in place (weight-only); returns how many.
 
     Call before the LoRA is attached (peft then wraps the quantized layers). The model must be frozen:
-    quantized weights get no gradient.
+    quantized weights get no gradient. ``shards``: the FSDP2 processes the model will be sharded over.
     """
     if mode == "none":
         return 0
     check_mode_available(mode)
     from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
-    layers = [m for m in model.modules() if quantizable(m, mode)]
+    layers = [m for m in model.modules() if quantizable(m, mode, shards)]
     if mode == "nf4":
         try:
             from torchao.dtypes import to_nf4  # torchao <= 0.17
@@ -131,16 +147,16 @@ def quantize_frozen(model: nn.Module, mode: str) -> int:
     return len(layers)
 
 
-def add_lora_on_quantized_base(backbone: Any, config: Any) -> int:
+def add_lora_on_quantized_base(backbone: Any, config: Any, shards: int = 1) -> int:
     """Quantize the frozen transformer as ``config.base_quantization`` says, then attach the LoRA.
 
     Returns the number of quantized layers. The LoRA itself is unchanged: fp32, trained and saved as on
-    a full-precision base (its diffusers file loads on the unquantized pipeline).
+    a full-precision base (its diffusers file loads on the unquantized pipeline). ``shards``: FSDP2 processes.
     """
     import warnings
 
     backbone.transformer.requires_grad_(False)
-    count = quantize_frozen(backbone.transformer, config.base_quantization)
+    count = quantize_frozen(backbone.transformer, config.base_quantization, shards)
     with warnings.catch_warnings():
         # peft: "TorchaoLoraLinear ... merge() / unmerge() will raise": flowbp never merges into a quantized base
         warnings.filterwarnings("ignore", message="TorchaoLoraLinear was instantiated")

@@ -7,7 +7,8 @@ The recipe space, for the config's method, backbone, fine-tuning mode and global
 * ``base_quantization`` none / int8 / float8 / nf4 of the frozen transformer (LoRA only: a fully
   fine-tuned transformer is not frozen),
 * ``optimizer`` adamw / adamw8bit (8-bit moments; full fine-tuning, where the moments are large),
-* FSDP2 sharding over the ``P`` processes (full fine-tuning; LoRA runs data-parallel).
+* FSDP2 sharding over the ``P`` processes (full fine-tuning, and LoRA with a base FSDP2 can shard: none or
+  nf4; the frozen base and the adapter are both sharded per block).
 
 Memory comes from one :class:`Profile` measured on the meta device (as ``--dry-run``): the bytes one
 grad forward and one VAE decode save are affine in the micro-batch (measured at 1 and 2 and
@@ -47,7 +48,7 @@ from flowbp.dryrun import (
     forward_saved_bytes,
     plan_cost,
 )
-from flowbp.memory_modes import quantizable, quantized_weight_bytes
+from flowbp.memory_modes import FSDP2_BASE_QUANTIZATIONS, quantizable, quantized_weight_bytes
 
 #: Speed-model assumptions (relative cost factors), stated rather than measured; see the module doc.
 SPEED: dict[str, float] = {
@@ -107,6 +108,9 @@ class Profile:
     checkpointed_plan: bool
     latent_per_sample: int  # fp32 bytes of one sample's latent
     rollout_steps: int
+    #: parameters outside the blocks (embedders, final norm and projection): FSDP2's root group, gathered
+    #: for the whole forward and backward
+    outside_blocks: int = 0
 
 
 @dataclass(frozen=True)
@@ -187,7 +191,8 @@ def profile(
     elem = _BYTES[dtype]
     parameters = sum(p.numel() for p in model.parameters())
     linear = _linear_weights(model, elem)
-    largest = max((sum(p.numel() for p in b.parameters()) for b in _blocks(model)), default=0)
+    block_sizes = [sum(p.numel() for p in b.parameters()) for b in _blocks(model)]
+    largest = max(block_sizes, default=0)
     if finetune == "lora":
         model.requires_grad_(False)
         targets = arch.lora_targets
@@ -225,6 +230,7 @@ def profile(
         reward_parameters=sum(REWARD_PARAMETERS.get(n, 0) for n in rewards), forward=forward, decode=decode,
         grad_forwards=forwards, reward_inputs=inputs, checkpointed_plan=ckpt_plan,
         latent_per_sample=arch.vae_latent_channels * side * side * 4, rollout_steps=num_steps,
+        outside_blocks=parameters - sum(block_sizes),
     )
 
 
@@ -239,8 +245,9 @@ def memory(p: Profile, r: Recipe) -> Breakdown:
         transformer = p.trainable * (4 + (p.elem if p.elem != 4 else 0))
     moments = 8 if r.optimizer == "adamw" else 2  # 8-bit: one byte per moment (block scales: < 1 %)
     optimizer = p.trainable * (4 + moments + 4)  # grad + moments + EMA, as the trainer keeps them
-    if r.fsdp2:  # sharded over the processes; one block gathered at a time (+ one prefetched)
-        transformer = transformer // r.processes + 2 * p.largest_block * p.elem
+    if r.fsdp2:  # sharded over the processes; one block gathered at a time (+ one prefetched) and the root
+        # group (outside the blocks), in the compute dtype (an upper bound for an nf4 base, gathered as nf4)
+        transformer = transformer // r.processes + (2 * p.largest_block + p.outside_blocks) * p.elem
         optimizer //= r.processes
     m = r.micro_batch
     if p.checkpointed_plan:  # AlignProp: every call keeps its input latent, one call is rebuilt at a time
@@ -276,9 +283,11 @@ def recipes(p: Profile, processes: int) -> list[Recipe]:
     lora = p.finetune == "lora"
     quant = ("none", "int8", "float8", "nf4") if lora else ("none",)
     optim = ("adamw",) if lora else ("adamw", "adamw8bit")
-    fsdp = (False, True) if (processes > 1 and not lora) else (False,)
+    fsdp = (False, True) if processes > 1 else (False,)
     out = []
     for m, ckpt, vae_ckpt, q, o, f in itertools.product(micro, (False, True), (False, True), quant, optim, fsdp):
+        if f and q not in FSDP2_BASE_QUANTIZATIONS:  # torchao's int8/float8 tensors cannot be sharded
+            continue
         out.append(Recipe(processes, m, per_process // m, ckpt, vae_ckpt, q, o, f))
     return out
 

@@ -97,6 +97,11 @@ def setup(config: TrainConfig, run_dir: Path | None = None, resume_from: Path | 
     validate_against_components(config)
     run_dir = Path(run_dir or config.output_dir or default_run_dir(config))
     accelerator = make_accelerator(config, run_dir)
+    fsdp2 = accelerator.distributed_type.value == "FSDP"  # (prepare may report MULTI_CPU on the CPU test route)
+    if fsdp2 and config.finetune == "lora":
+        from flowbp.memory_modes import check_fsdp2
+
+        check_fsdp2(config.base_quantization)  # before anything is built or written
     shards = accelerator.num_processes * config.gradient_accumulation_steps
     if config.batch_size % shards:
         raise ValueError(
@@ -113,9 +118,7 @@ def setup(config: TrainConfig, run_dir: Path | None = None, resume_from: Path | 
     check_eval_plan(config.backbone, eval_prompts, eval_size(config)[1])
     if config.eval_every or config.guard:  # the guard's looks score with the same scorers
         eval_scorers(config, backbone.name, reward, accelerator.device)
-    model = make_trainable(config, backbone)
-    if config.finetune == "lora" and accelerator.distributed_type.value == "FSDP":
-        raise ValueError("finetune: 'lora' runs data-parallel with DDP; use the FSDP2 preset with finetune: full")
+    model = make_trainable(config, backbone, accelerator.num_processes if fsdp2 else 1)
     optimizer = make_optimizer(config, [p for p in model.parameters() if p.requires_grad])
     prepared, optimizer = accelerator.prepare(model, optimizer)
     model = accelerator.unwrap_model(prepared)

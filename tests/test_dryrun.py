@@ -165,3 +165,41 @@ def test_dry_run_cli_for_the_new_backbones(preset: str, title: str, arch: str, c
     out = capsys.readouterr().out
     assert f"{title} × refl" in out and f"{FULL_SIZE[arch]:,}" in out and "estimated peak" in out
     assert float(out.split("saved by one grad forward")[1].split("GiB")[0]) > 0
+
+
+@pytest.mark.slow
+def test_lora_fsdp2_estimate_matches_a_measured_two_process_step(tiny_sd3_dir: Path) -> None:
+    """LoRA + FSDP2 per process, measured on 2 CPU processes (tests/fsdp2_memory_probe.py: accelerate's FSDP2
+    plugin on a tiny SD3 with a LoRA, one grad step): the resident parameter bytes are the transformer's
+    weights (base + adapter) / 2 exactly, and the gathered parameters never exceed the estimate's two blocks
+    + root group. On CPU FSDP2 does not prefetch, so the measured peak is one block + root (GPUs prefetch
+    the next block: the second one the estimate counts)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from flowbp.dryrun import _blocks
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(root / "tests" / "fsdp2_memory_probe.py"), str(tiny_sd3_dir)]
+    proc = subprocess.run(cmd, cwd=root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured = json.loads(proc.stdout.strip().splitlines()[-1])
+    bb = load_backbone("sd3", path=str(tiny_sd3_dir), resolution=32)
+    arch = dataclasses.replace(
+        ARCHITECTURES["sd3"], make_inputs=_tiny_inputs, vae_latent_channels=4, vae_factor=2, text_len=TEXT_LEN
+    )
+    meta = build_meta("SD3Transformer2DModel", _config(bb.transformer), torch.float32)
+    largest = max(sum(p.numel() for p in b.parameters()) for b in _blocks(meta)) * 4
+    est = estimate(
+        arch, "flowbp-sparse", {"num_active": 3}, resolution=32, batch_size=2, num_steps=6, finetune="lora",
+        lora_rank=4, dtype=torch.float32, guidance_scale=3.5, transformer=meta,
+        vae=build_meta("AutoencoderKL", _config(bb.vae), torch.float32),
+    )
+    assert measured["resident"] == (est.weights_bytes - est.vae_bytes) // 2
+    one_block = est.gathered_bytes - largest
+    assert measured["gathered_peak"] <= est.gathered_bytes
+    assert abs(measured["gathered_peak"] - one_block) <= 0.01 * one_block, (measured, one_block)

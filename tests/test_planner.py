@@ -11,7 +11,7 @@ import torch
 from flowbp.backbones import load_backbone
 from flowbp.cli import main
 from flowbp.dryrun import ARCHITECTURES, build_meta, estimate
-from flowbp.planner import SPEED, Affine, Profile, Recipe, memory, profile, search, step_cost
+from flowbp.planner import SPEED, Affine, Profile, Recipe, memory, profile, recipes, search, step_cost
 
 NO_QUANT = {"int8": (0, 0), "float8": (0, 0), "nf4": (0, 0)}
 
@@ -73,6 +73,35 @@ def test_full_finetune_on_two_processes_by_hand() -> None:
         search(p, 1000, 3)
 
 
+def test_lora_under_fsdp2_on_two_processes_by_hand() -> None:
+    """LoRA (10 fp32 parameters) on a 100-parameter bf16 base, 2 processes × micro-batch 2. Per process:
+    data-parallel weights 200 + 40 = 240 B, grads + AdamW + EMA 10 × 16 = 160 B, activations 2 × 10m + 5m
+    = 50 B: 450 B. FSDP2 shards base and adapter (240 / 2 = 120 B) and gathers two blocks of 10 and the 20
+    parameters outside the blocks in bf16 (80 B): 200 B; optimizer 160 / 2 = 80 B: 330 B in all. An nf4
+    base (100 weights in 50 B) is 240 − 150 = 90 B unsharded, 45 + 80 = 125 B under FSDP2."""
+    p = _profile(trainable=10, outside_blocks=20)
+    fsdp = Recipe(2, 2, 1, False, False, fsdp2=True)
+    assert memory(p, Recipe(2, 2, 1, False, False)).peak == 450
+    assert (memory(p, fsdp).weights, memory(p, fsdp).optimizer, memory(p, fsdp).peak) == (200, 80, 330)
+    nf4 = dataclasses.replace(fsdp, base_quantization="nf4")
+    assert memory(p, nf4).weights == 125 and memory(p, nf4).peak == 255
+    # FSDP2 cannot shard torchao's int8/float8 tensors: those recipes are never offered
+    offered = recipes(p, 2)
+    assert {r.base_quantization for r in offered if r.fsdp2} == {"none", "nf4"}
+    assert any(not r.fsdp2 and r.base_quantization == "float8" for r in offered)
+    # 340 B: cost per sample 10 + 2 × 3 + 3 = 19, × 2 samples × 1.25 (micro-batch 2) = 47.5 unlimited. FSDP2
+    # (330 B) costs × 1.10 = 52.25; the data-parallel alternatives that fit cost more: float8 + checkpointed
+    # grad forwards (318 B) 57.75, nf4 (300 B) 61.75
+    assert search(p, 340, 2).best == fsdp and step_cost(p, fsdp) == pytest.approx(52.25)
+    # 280 B: FSDP2 with an nf4 base (255 B, 47.5 × 1.3 × 1.1 = 67.925) beats data-parallel nf4 with checkpointed
+    # grad forwards (268 B, 52.5 × 1.3 = 68.25); FSDP2 + float8 (280 B, 57.475) would win were it runnable
+    assert search(p, 280, 2).best == nf4 and step_cost(p, nf4) == pytest.approx(67.925)
+    # 100 B: nothing fits; the smallest is FSDP2 + nf4, micro-batch 1, both checkpointed: 125 + 80 + 2 × 2 + 1
+    plan = search(p, 100, 2)
+    assert not plan.fits and plan.smallest == Recipe(2, 1, 2, True, True, "nf4", fsdp2=True)
+    assert memory(p, plan.smallest).peak == 210 and "FSDP2" in plan.report()
+
+
 def _config(module: torch.nn.Module) -> dict:
     return {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
 
@@ -108,6 +137,10 @@ def test_profile_extrapolation_equals_the_direct_estimate(tiny_sd3_dir: Path, fi
                        vae_gradient_checkpointing=ckpt, ema=True, **common, **models())
         b = memory(prof, Recipe(1, 4, 1, ckpt, ckpt))
         assert (b.activations, b.weights, b.optimizer) == (est.activation_bytes, est.weights_bytes, est.optimizer_bytes)
+        # FSDP2 over 2 processes (micro-batch 2 each): the dry run's per-GPU FSDP line is the planner's memory
+        half = estimate(arch, "flowbp-sparse", {"num_active": 3}, batch_size=2, gradient_checkpointing=ckpt,
+                        vae_gradient_checkpointing=ckpt, ema=True, **common, **models())
+        assert memory(prof, Recipe(2, 2, 1, ckpt, ckpt, fsdp2=True)).peak == half.sharded_peak_bytes(2)
     assert prof.forward[True].per_sample < prof.forward[False].per_sample
 
 

@@ -71,8 +71,12 @@ class Backbone(Protocol):
         """Wrap :attr:`transformer` with a peft LoRA adapter; only the adapter trains."""
         ...
 
-    def save_lora(self, path: str | Path) -> None:
-        """Save the adapter in the format the backbone's users load (diffusers ``load_lora_weights``)."""
+    def save_lora(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """Save the adapter in the format the backbone's users load (diffusers ``load_lora_weights``).
+
+        ``state_dict``: the adapter's parameters as whole tensors, named as in the transformer (a
+        sharded model's, gathered by every rank first); ``None`` reads them from the transformer.
+        """
         ...
 
     def load_lora(self, path: str | Path) -> None:

@@ -458,7 +458,7 @@ class DiffusersBackbone:
             if p.dtype != torch.float32:
                 p.data = p.data.float()
 
-    def save_lora(self, path: str | Path) -> None:
+    def save_lora(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Save the adapter as ``<path>/pytorch_lora_weights.safetensors`` for ``pipe.load_lora_weights``.
 
         The raw peft state dict goes through the pipeline's own ``save_lora_weights`` (keys
@@ -472,7 +472,7 @@ class DiffusersBackbone:
         pipeline_cls = getattr(diffusers, self.pipeline_class_name)
         pipeline_cls.save_lora_weights(
             str(path),
-            transformer_lora_layers=get_peft_model_state_dict(transformer),
+            transformer_lora_layers=get_peft_model_state_dict(transformer, state_dict=state_dict),
             transformer_lora_adapter_metadata=transformer.peft_config["default"].to_dict(),
             weight_name=LORA_WEIGHT_NAME,
         )

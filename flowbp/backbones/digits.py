@@ -318,7 +318,7 @@ class DigitsBackbone:
         """The parameters an optimiser should see (the LoRA adapter after :meth:`add_lora`)."""
         return [p for p in self.transformer.parameters() if p.requires_grad]
 
-    def save_lora(self, path: str | Path) -> None:
+    def save_lora(self, path: str | Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """Save the adapter to directory ``path`` as ``pytorch_lora_weights.safetensors``.
 
         Diffusers' pipeline format (keys ``transformer.…`` plus the peft config as metadata), so
@@ -330,7 +330,7 @@ class DigitsBackbone:
 
         SD3LoraLoaderMixin.save_lora_weights(
             str(path),
-            transformer_lora_layers=get_peft_model_state_dict(self.transformer),
+            transformer_lora_layers=get_peft_model_state_dict(self.transformer, state_dict=state_dict),
             transformer_lora_adapter_metadata=self.transformer.peft_config["default"].to_dict(),
             weight_name=LORA_WEIGHT_NAME,
         )

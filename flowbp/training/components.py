@@ -55,14 +55,16 @@ def build_reward(config: TrainConfig, device: torch.device) -> torch.nn.Module:
     return reward
 
 
-def make_trainable(config: TrainConfig, backbone: Any) -> torch.nn.Module:
-    """Attach LoRA (or unfreeze everything) on every rank identically; returns the module to train."""
+def make_trainable(config: TrainConfig, backbone: Any, shards: int = 1) -> torch.nn.Module:
+    """Attach LoRA (or unfreeze everything) on every rank identically; returns the module to train.
+
+    ``shards``: the processes FSDP2 shards the model over (1: not sharded), for the quantized base's layout."""
     model = backbone.transformer
     torch.manual_seed(config.seed)  # peft draws the LoRA A matrices from the global generator
     if config.finetune == "lora":
         from flowbp.memory_modes import add_lora_on_quantized_base
 
-        add_lora_on_quantized_base(backbone, config)  # base_quantization: none is the plain add_lora
+        add_lora_on_quantized_base(backbone, config, shards)  # base_quantization: none is the plain add_lora
     else:
         model.requires_grad_(True)
     model.eval()  # no dropout: the re-forwarded velocities must equal the cached ones

@@ -10,7 +10,7 @@ import contextlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from flowbp.training.accelerator import whole
+from flowbp.training.accelerator import is_dtensor, whole
 
 if TYPE_CHECKING:
     from flowbp.training.run import Run
@@ -36,10 +36,13 @@ def save_weights(run: Run) -> None:
     acc = run.accelerator
     with ema_weights(run):
         if run.config.finetune == "lora":
+            gathered = None
+            if any(is_dtensor(p) for p in run.parameters.values()):  # FSDP2 shards the adapter: every rank gathers
+                gathered = {name: whole(p).clone() for name, p in run.parameters.items()}
             if run.is_main:
                 run.backbone.transformer = run.model
                 try:
-                    run.backbone.save_lora(run.run_dir / "lora")
+                    run.backbone.save_lora(run.run_dir / "lora", state_dict=gathered)
                 finally:
                     run.backbone.transformer = run.prepared
         elif hasattr(run.backbone, "save_full") and acc.distributed_type.value != "FSDP":
