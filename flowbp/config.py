@@ -105,8 +105,16 @@ class TrainConfig:
     # periodic held-out evaluation (flowbp.evaluate.periodic_eval), the same code as `flowbp eval`:
     eval_every: int = 0  # evaluate every N steps (0: off)
     eval_metrics: list[str] | None = None  # None: the training reward + the backbone's held-out metrics
-    # reward-hacking guard (flowbp.guard): [{metric, tolerance, action: warn|stop}], checked at every eval_every
+    # reward-hacking guard (flowbp.guard): [{metric, tolerance, action: warn|stop}], judged at its own looks
     guard: list[dict[str, Any]] = field(default_factory=list)
+    # its cadence (flowbp.guard.Schedule; null: the default): a look every guard_every steps (max(1, eval_every
+    # // 5)) at guard_samples_per_prompt images per prompt (the evaluation's); on alert (a quarter of a tolerance
+    # used up) every guard_alert_every steps (max(1, guard_every // 5)) at guard_alert_samples_per_prompt (5×)
+    guard_every: int | None = None
+    guard_samples_per_prompt: int | None = None
+    guard_alert_every: int | None = None
+    guard_alert_samples_per_prompt: int | None = None
+    guard_confidence: float = 0.99  # one-sided confidence of each look's bound
     sample_every: int = 50  # sample grid every N steps (0: only at start and end)
     checkpoint_every: int = 50  # 0: only at the end
     output_dir: str | None = None  # None: runs/<backbone>-<method>-<timestamp>
@@ -194,6 +202,9 @@ class TrainConfig:
         from flowbp.guard import parse_rules
 
         parse_rules(self.guard)  # the structure of each entry (the metric names are checked with the components)
+        from flowbp.guard import check_schedule
+
+        check_schedule(self)
         if self.lr_scheduler not in LR_SCHEDULERS:
             allowed = ", ".join(LR_SCHEDULERS)
             raise ValueError(f"lr_scheduler: unknown schedule {self.lr_scheduler!r}; allowed: {allowed}")

@@ -7,29 +7,35 @@ A ``guard:`` list in the training config names held-out metrics and a tolerance 
       - {metric: heldout-correct, tolerance: 0.02, action: stop}
       - {metric: heldout-fd, tolerance: 1.0, action: warn}
 
-At step 0 and at every periodic evaluation (``eval_every``) the run samples the same images
-(prompt × seed, :func:`flowbp.evaluate.plan_keys`), so every image at step t has a twin at step 0.
+The guard runs its own evaluation (the guarded metrics only, no files), at its own cadence
+(:class:`Schedule`): at step 0 on the *alert* set, then every ``guard_every`` steps on the smaller
+*screen* set (its first images), and — once a look's point estimate has used up a quarter of a
+tolerance — every ``guard_alert_every`` steps on the alert set. The images are fixed (prompt × seed,
+:func:`flowbp.evaluate.plan_keys`), so every image at step t has a twin at step 0.
 
 The decision rule, for one guarded metric with tolerance ε (in the metric's own units):
 
     d_k = s · (m_k(t) − m_k(0))            one paired change per image k = (prompt, seed);
                                            s = +1 if higher is better, −1 if lower is better
-    [lo, hi] = Student-t 95% interval of mean_k d_k          (flowbp.stats.mean_ci)
-    triggered  ⇔  hi < −ε                  "fallen by more than ε, and the interval excludes ε"
+    U = one-sided Student-t upper bound of mean_k d_k at guard_confidence (0.99)
+    triggered  ⇔  U < −ε                   "fallen by more than ε, and the bound excludes ε"
 
 so a drop inside the tolerance never triggers, and a drop larger than ε triggers only once the
-evaluation is precise enough to say so. The unit is the image: conditionally on the fixed evaluation
-prompts the per-image differences are independent, and pooling prompts into one variance estimate
-over-states the variance of the (stratified) mean, so the interval is conservative.
+look is precise enough to say so. The guard looks many times; the per-look 99% bound (not 97.5%) keeps
+the chance that a run sitting exactly at the tolerance is ever stopped below 5% over 30 looks when the
+looks share their images (tests/test_guard.py measures it on constructed series). The unit is the image:
+conditionally on the fixed evaluation prompts the per-image differences are independent, and pooling prompts
+into one variance estimate over-states the variance of the (stratified) mean, so the bound is conservative.
 
 Fréchet distance is not a per-image quantity. ``heldout-fd`` (digits) is guarded with a *paired
 bootstrap*: resample the image keys with replacement (the same keys at step 0 and at step t), take
 FD(step t) − FD(step 0) against the fixed real reference on each resample, and use the 2.5 / 97.5
-percentiles of that difference as the interval (its point estimate is the difference on all images).
+percentiles of that difference as the interval and its ``guard_confidence`` percentile as the bound U
+(the point estimate is the difference on all images).
 Pairing keeps the shared variation of the two sets out of the interval, exactly as for per-image metrics.
 
 ``action: warn`` logs, and records the event in summary.json; ``action: stop`` also ends training
-cleanly after a checkpoint (exit status 0; summary.json says why). Every evaluation that no guard
+cleanly after a checkpoint (exit status 0; summary.json says why). Every look that no guard
 flags writes a checkpoint, hard-linked to ``RUN/guard/last-good`` (pruning of old checkpoints cannot
 remove it); summary.json names it. The guard's state (baseline, evaluations, events) is part of every
 checkpoint, so a resumed run keeps it.
@@ -42,8 +48,9 @@ import math
 import os
 import shutil
 import sys
+import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +64,13 @@ SET_METRICS: dict[str, tuple[str, ...]] = {"digits": ("heldout-fd",)}
 #: Metrics for which a lower value is better (everything else: higher is better).
 LOWER_IS_BETTER = frozenset({"heldout-fd"})
 BOOTSTRAP_RESAMPLES = 400
+#: One-sided confidence of each look's bound. The guard looks many times in a run; 99% per look keeps the
+#: chance that a run whose metric never falls by more than the tolerance is stopped at some look below 5%
+#: (the looks share one image set; measured on constructed series in tests/test_guard.py, docs/guard.md).
+DEFAULT_CONFIDENCE = 0.99
+#: A look whose point estimate has used up this fraction of a tolerance puts the guard on alert: it then
+#: looks every ``guard_alert_every`` steps with the larger alert image set.
+ALERT_FRACTION = 0.25
 GUARD_DIR = "guard"
 LAST_GOOD = "last-good"
 
@@ -111,13 +125,72 @@ def guardable_metrics(config: Any, backbone_name: str) -> list[str]:
     return [*eval_metric_specs(config, backbone_name), *SET_METRICS.get(backbone_name, ())]
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """When the guard looks and at how many images (its own evaluation: the guarded metrics only, no files).
+
+    Every ``every`` steps it looks at the *screen* set (``samples_per_prompt`` images per evaluation prompt).
+    A look whose point estimate has used up ``ALERT_FRACTION`` of a tolerance puts it on alert: the next
+    looks come every ``alert_every`` steps on the larger *alert* set (``alert_samples_per_prompt`` per
+    prompt), until a look is clear again. Image k of every prompt uses seed ``seed + k``, so the screen set
+    is the first images of the alert set, and step 0's baseline (of the alert set) pairs with both.
+    """
+
+    every: int
+    samples_per_prompt: int
+    alert_every: int
+    alert_samples_per_prompt: int
+    confidence: float = DEFAULT_CONFIDENCE
+    seed: int = 2024
+
+
+def _positive(config: Any, name: str) -> int | None:
+    value = getattr(config, name, None)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: must be a whole number >= 1 (or null for the default), got {value!r}")
+    return value
+
+
+def check_schedule(config: Any) -> None:
+    """The guard_* keys on their own (called from TrainConfig.check): one clear line per bad value."""
+    for name in ("guard_every", "guard_samples_per_prompt", "guard_alert_every", "guard_alert_samples_per_prompt"):
+        _positive(config, name)
+    conf = getattr(config, "guard_confidence", DEFAULT_CONFIDENCE)
+    if isinstance(conf, bool) or not isinstance(conf, (int, float)) or not 0.5 < conf < 1:
+        raise ValueError(f"guard_confidence: must be a number in (0.5, 1) (one-sided, per look), got {conf!r}")
+    screen, alert = config.guard_samples_per_prompt, config.guard_alert_samples_per_prompt
+    if screen is not None and alert is not None and alert < screen:
+        raise ValueError(
+            f"guard_alert_samples_per_prompt: {alert} is below guard_samples_per_prompt ({screen}); the alert "
+            "set must contain the screen set (allowed: >= guard_samples_per_prompt)"
+        )
+
+
+def schedule_of(config: Any) -> Schedule:
+    """The schedule with its defaults filled in: looks every max(1, eval_every // 5) steps at the evaluation's
+    images, on alert every max(1, every // 5) steps at five times as many (see :class:`Schedule`)."""
+    from flowbp.evaluate import eval_size
+
+    every = _positive(config, "guard_every") or max(1, (config.eval_every or 0) // 5)
+    screen = _positive(config, "guard_samples_per_prompt") or eval_size(config)[1]
+    alert = _positive(config, "guard_alert_samples_per_prompt") or 5 * screen
+    alert_every = _positive(config, "guard_alert_every") or max(1, every // 5)
+    conf = float(getattr(config, "guard_confidence", DEFAULT_CONFIDENCE))
+    return Schedule(every, screen, alert_every, max(alert, screen), conf, config.eval_seed)
+
+
 def check_config(config: Any) -> None:
     """Everything about ``guard`` that can be checked before anything runs (called with the components)."""
     rules = parse_rules(config.guard)
     if not rules:
         return
-    if not config.eval_every:
-        raise ValueError("guard: needs periodic evaluation; set eval_every to a positive number of steps")
+    if not config.eval_every and not getattr(config, "guard_every", None):
+        raise ValueError(
+            "guard: needs a cadence; set guard_every (or eval_every: the guard then looks every eval_every // 5 "
+            "steps) to a positive number of steps"
+        )
     known = guardable_metrics(config, config.backbone)
     for k, rule in enumerate(rules):
         if rule.metric not in known:
@@ -128,13 +201,24 @@ def check_config(config: Any) -> None:
 
 
 # ----------------------------------------------------------------------------- the decision rule
-def paired_change(before: Sequence[float] | torch.Tensor, after: Sequence[float] | torch.Tensor, sign: float) -> dict:
-    """Mean and Student-t interval of the signed per-unit change s·(after − before) (negative: worse)."""
+def paired_change(
+    before: Sequence[float] | torch.Tensor,
+    after: Sequence[float] | torch.Tensor,
+    sign: float,
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> dict:
+    """Mean and Student-t 95% interval of the signed per-unit change s·(after − before) (negative: worse),
+    and ``upper``: its one-sided upper bound at ``confidence`` (what the decision rule compares)."""
     b = torch.as_tensor(before, dtype=torch.float64).flatten()
     a = torch.as_tensor(after, dtype=torch.float64).flatten()
     if a.shape != b.shape:
         raise ValueError(f"guard: paired values need the same images, got {b.numel()} and {a.numel()}")
-    return mean_ci(sign * (a - b))
+    d = sign * (a - b)
+    out = mean_ci(d)
+    # a one-sided bound at confidence c is the upper end of the two-sided interval at level 2c − 1
+    out["upper"] = mean_ci(d, 2 * confidence - 1)["ci95_high"]
+    out["confidence"] = confidence
+    return out
 
 
 def fd_paired_change(
@@ -143,6 +227,7 @@ def fd_paired_change(
     reference: torch.Tensor,
     resamples: int = BOOTSTRAP_RESAMPLES,
     seed: int = 0,
+    confidence: float = DEFAULT_CONFIDENCE,
 ) -> dict:
     """Paired bootstrap of −(FD(after) − FD(before)) over image keys (lower FD is better, so a fall is < 0)."""
     from flowbp.testbed.heldout_metrics import frechet_distance_from_features as fd
@@ -159,8 +244,10 @@ def fd_paired_change(
         idx = torch.randint(0, n, (n,), generator=gen)
         draws.append(-(fd(after[idx], reference) - fd(before[idx], reference)))
     d = torch.tensor(draws, dtype=torch.float64)
-    lo, hi = torch.quantile(d, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    lo, hi, upper = torch.quantile(d, torch.tensor([0.025, 0.975, confidence], dtype=torch.float64)).tolist()
     return {
+        "upper": upper,
+        "confidence": confidence,
         "mean": point,
         "ci95_low": lo,
         "ci95_high": hi,
@@ -172,8 +259,12 @@ def fd_paired_change(
 
 
 def triggered(change: Mapping[str, float], tolerance: float) -> bool:
-    """Fallen by more than the tolerance, with the interval excluding it: the upper bound is below −ε."""
-    return bool(change["ci95_high"] < -tolerance)
+    """Fallen by more than the tolerance, with the bound excluding it: the one-sided upper bound is below −ε.
+
+    ``upper`` is the bound at the guard's confidence (per look); a change without it (an old record) is
+    judged on the upper end of its 95% interval, the rule of earlier versions.
+    """
+    return bool(change.get("upper", change["ci95_high"]) < -tolerance)
 
 
 # ----------------------------------------------------------------------------- values of one evaluation
@@ -210,9 +301,10 @@ def _to_json(values: Mapping[str, Any]) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- the guard and its state
 @dataclass
 class Guard:
-    """The rules, the step-0 baseline, every evaluation's verdict and what was done about it."""
+    """The rules, the step-0 baseline, every look's verdict and what was done about it."""
 
     rules: tuple[GuardRule, ...]
+    schedule: Schedule | None = None  # None: judge whatever evaluations are passed (tests, old callers)
     baseline: dict[str, Any] = field(default_factory=dict)  # metric -> per-image values (FD: features)
     keys: list[list[int]] = field(default_factory=list)  # (prompt index, seed) of each image, in order
     evaluations: list[dict[str, Any]] = field(default_factory=list)
@@ -225,31 +317,68 @@ class Guard:
     def has_baseline(self) -> bool:
         return bool(self.baseline)
 
+    @property
+    def confidence(self) -> float:
+        return self.schedule.confidence if self.schedule is not None else DEFAULT_CONFIDENCE
+
+    @property
+    def alert(self) -> bool:
+        """The last look used up a fair part of a tolerance: look sooner, at more images."""
+        return bool(self.evaluations and self.evaluations[-1].get("alert"))
+
+    def next_look(self) -> int:
+        """The step of the next look: the schedule's cadence after the last one (on alert: the alert cadence)."""
+        if self.schedule is None:
+            raise RuntimeError("guard: no schedule")
+        last = self.evaluations[-1]["step"] if self.evaluations else 0
+        return last + (self.schedule.alert_every if self.alert else self.schedule.every)
+
+    def look_size(self) -> int:
+        """Images per prompt of the next look: the alert set on alert, else the screen set."""
+        if self.schedule is None:
+            raise RuntimeError("guard: no schedule")
+        return self.schedule.alert_samples_per_prompt if self.alert else self.schedule.samples_per_prompt
+
     def set_baseline(self, keys: Sequence[Sequence[int]], values: Mapping[str, Any], reward: float | None) -> None:
         self.keys = [list(k) for k in keys]
         self.baseline = dict(values)
-        self.evaluations.append({"step": 0, "reward": reward, "metrics": {}, "flagged": []})
+        self.evaluations.append({"step": 0, "reward": reward, "metrics": {}, "flagged": [], "n": len(self.keys)})
+
+    def _baseline_of(self, metric: str, keys: Sequence[Sequence[int]]) -> Any:
+        """Step 0's values of these images (a subset of the baseline's, in their order)."""
+        position = {tuple(k): i for i, k in enumerate(self.keys)}
+        try:
+            idx = [position[tuple(k)] for k in keys]
+        except KeyError:
+            raise RuntimeError(
+                "guard: the evaluation images differ from step 0's (prompts or seeds changed)"
+            ) from None
+        base = self.baseline[metric]
+        if isinstance(base, torch.Tensor) and base.dim() > 1:
+            return base[torch.tensor(idx, dtype=torch.long)]
+        return [float(base[i]) for i in idx]
 
     def observe(
         self, step: int, keys: Sequence[Sequence[int]], values: Mapping[str, Any], reward: float | None
     ) -> list[dict]:
-        """Compare one evaluation with step 0; returns the rules it triggered (an empty list: all clear)."""
-        if [list(k) for k in keys] != self.keys:
-            raise RuntimeError("guard: the evaluation images differ from step 0's (prompts or seeds changed)")
-        record: dict[str, Any] = {"step": step, "reward": reward, "metrics": {}, "flagged": []}
+        """Compare one look with step 0 (its images are step 0's or a subset); returns the rules it triggered."""
+        record: dict[str, Any] = {"step": step, "reward": reward, "metrics": {}, "flagged": [], "n": len(keys)}
         fired = []
         for rule in self.rules:
+            before = self._baseline_of(rule.metric, keys)
             if rule.metric in LOWER_IS_BETTER:
                 if self._reference is None:
                     self._reference = _reference_features()
-                before = torch.as_tensor(self.baseline[rule.metric], dtype=torch.float64)
                 after = torch.as_tensor(values[rule.metric], dtype=torch.float64)
-                change = fd_paired_change(before, after, self._reference, seed=step)
+                change = fd_paired_change(
+                    torch.as_tensor(before, dtype=torch.float64), after, self._reference, seed=step,
+                    confidence=self.confidence,
+                )
                 from flowbp.testbed.heldout_metrics import frechet_distance_from_features as fd
 
                 value = fd(after, self._reference)
             else:
-                change = paired_change(self.baseline[rule.metric], values[rule.metric], rule.sign)
+                change = paired_change(before, values[rule.metric], rule.sign, self.confidence)
                 value = float(torch.as_tensor(values[rule.metric], dtype=torch.float64).mean())
             hit = triggered(change, rule.tolerance)
             record["metrics"][rule.metric] = {
@@ -257,6 +386,8 @@ class Guard:
                 "change": change["mean"],
                 "ci95_low": change["ci95_low"],
                 "ci95_high": change["ci95_high"],
+                "upper": change["upper"],
+                "confidence": change["confidence"],
                 "tolerance": rule.tolerance,
                 "flagged": hit,
             }
@@ -265,6 +396,9 @@ class Guard:
                 event = {"step": step, "metric": rule.metric, "action": rule.action, **record["metrics"][rule.metric]}
                 self.events.append(event)
                 fired.append(event)
+        record["alert"] = any(
+            m["change"] < -ALERT_FRACTION * m["tolerance"] for m in record["metrics"].values()
+        )
         self.evaluations.append(record)
         return fired
 
@@ -274,7 +408,8 @@ class Guard:
         return (
             f"guard: {event['metric']} has fallen since step 0 by more than its tolerance {rule.tolerance:g} at step "
             f"{event['step']} (signed change {event['change']:+.4f}, 95% interval [{event['ci95_low']:+.4f}, "
-            f"{event['ci95_high']:+.4f}]; {direction} is better); action: {event['action']}"
+            f"{event['ci95_high']:+.4f}], one-sided {100 * event.get('confidence', 0.975):g}% bound "
+            f"{event.get('upper', event['ci95_high']):+.4f}; {direction} is better); action: {event['action']}"
         )
 
     def summary(self) -> dict[str, Any]:
@@ -284,7 +419,9 @@ class Guard:
             "events": self.events,
             "last_good_checkpoint": self.last_good,
             "evaluations": self.evaluations,
-            "decision_rule": "upper bound of the 95% paired interval of the signed change below -tolerance",
+            "decision_rule": f"one-sided {100 * self.confidence:g}% upper bound of the paired signed change "
+            "below -tolerance (at every look)",
+            "schedule": None if self.schedule is None else asdict(self.schedule),
         }
 
     def state_dict(self) -> dict[str, Any]:
@@ -313,7 +450,7 @@ class Guard:
 
 def make_guard(config: Any) -> Guard | None:
     rules = parse_rules(config.guard)
-    return Guard(rules) if rules else None
+    return Guard(rules, schedule_of(config)) if rules else None
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -440,39 +577,71 @@ def print_event(guard: Guard, event: Mapping[str, Any]) -> None:
 
 
 # ----------------------------------------------------------------------------- training-loop hooks
-def _observe_eval(run: Any, kept: Mapping[str, Any]) -> tuple[list, dict, float | None]:
+def _reward_of(run: Any, scores: Mapping[str, Sequence[float]]) -> float | None:
+    from flowbp.evaluate import eval_metric_specs
+
+    reward_spec = eval_metric_specs(run.config, run.backbone.name)[0]  # the training reward (unless eval_metrics)
+    return float(torch.tensor(scores[reward_spec], dtype=torch.float64).mean()) if reward_spec in scores else None
+
+
+def look(run: Any, per_prompt: int, kept: Mapping[str, Any] | None = None) -> tuple[list, dict, float | None]:
+    """The guard's own evaluation: ``per_prompt`` images of every evaluation prompt (seeds ``seed + k``) from the
+    EMA weights, scored with the guarded metrics (and the training reward, for the Pareto plot) only.
+
+    ``kept``: the periodic evaluation of this step (:func:`flowbp.evaluate.periodic_eval`'s ``keep``); when its
+    images are exactly these, they are reused instead of sampled again.
+    """
+    from flowbp.evaluate import eval_metric_specs, eval_scorers, generate, plan_keys, score
+    from flowbp.training.evaluation import eval_model
+
     guard: Guard = run.guard
-    scores = kept["scores"]
-    reward_spec = kept["specs"][0]  # eval_metric_specs puts the training reward first (unless eval_metrics)
-    reward = float(torch.tensor(scores[reward_spec], dtype=torch.float64).mean()) if reward_spec in scores else None
-    values = eval_values(guard.rules, kept["image_set"].images, scores)
-    return [list(k) for k in kept["image_set"].keys], values, reward
+    c = run.config
+    prompts = list(run.eval_prompts)
+    keys = plan_keys(len(prompts), per_prompt, guard.schedule.seed)
+    if kept and [tuple(k) for k in kept["image_set"].keys] == [tuple(k) for k in keys]:
+        images, scores = kept["image_set"].images, kept["scores"]
+    else:
+        specs = eval_metric_specs(c, run.backbone.name)
+        wanted = {r.metric for r in guard.rules} | {specs[0]}
+        scorers = {k: v for k, v in eval_scorers(c, run.backbone.name, run.reward, run.accelerator.device).items()
+                   if k in wanted}
+        with eval_model(run):
+            images = generate(run.backbone, prompts, keys, c.num_inference_steps, c.guidance_scale, c.eval_batch_size)
+        scores = score(images, [prompts[i] for i, _ in keys], scorers, c.eval_batch_size, run.accelerator.device)
+    values = eval_values(guard.rules, images, scores)
+    return [list(k) for k in keys], values, _reward_of(run, scores)
 
 
 def on_start(run: Any) -> None:
-    """Step 0: the baseline every later evaluation is paired with (written to RUN/eval/step-000000 too)."""
-    from flowbp.evaluate import periodic_eval
-
+    """Step 0: the baseline every later look is paired with, on the alert set (the screen set is its first images)."""
     guard: Guard | None = run.guard
     if guard is None or guard.has_baseline:
         return
-    kept: dict[str, Any] = {}
-    periodic_eval(run, keep=kept)
-    keys, values, reward = _observe_eval(run, kept)
+    t0 = time.perf_counter()
+    keys, values, reward = look(run, guard.schedule.alert_samples_per_prompt)
     guard.set_baseline(keys, values, reward)
+    guard.evaluations[-1]["seconds"] = time.perf_counter() - t0
 
 
-def on_eval(run: Any, kept: Mapping[str, Any], checkpoint: Any) -> dict[str, Any]:
-    """Judge one periodic evaluation; checkpoint it when no guard flags it. Returns the record for history.json.
+def due(run: Any) -> bool:
+    """Whether the guard looks after this step (its own cadence; see :class:`Schedule`)."""
+    guard: Guard | None = run.guard
+    return guard is not None and guard.has_baseline and guard.stopped is None and run.step >= guard.next_look()
+
+
+def on_step(run: Any, checkpoint: Any, kept: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """One look; checkpoint it when no guard flags it. Returns the record for history.json.
 
     ``checkpoint(run) -> Path`` is the training loop's checkpoint writer (a collective: every rank calls
-    this, and every rank reaches the same verdict, since the evaluation is replicated).
+    this, and every rank reaches the same verdict, since the look is replicated).
     """
     from flowbp.checkpoint import checkpoint_dir
 
     guard: Guard = run.guard
-    keys, values, reward = _observe_eval(run, kept)
+    t0 = time.perf_counter()
+    keys, values, reward = look(run, guard.look_size(), kept)
     fired = guard.observe(run.step, keys, values, reward)
+    guard.evaluations[-1]["seconds"] = time.perf_counter() - t0
     if not fired:
         path = checkpoint_dir(run.run_dir, run.step)
         guard.last_good = {
@@ -496,7 +665,7 @@ def on_eval(run: Any, kept: Mapping[str, Any], checkpoint: Any) -> dict[str, Any
         if stops:
             print(
                 f"flowbp train: stopped by the guard after step {run.step}; the last checkpoint no guard flagged "
-                f"is {(guard.last_good or {}).get('checkpoint', 'none (flagged at the first evaluation)')}",
+                f"is {(guard.last_good or {}).get('checkpoint', 'none (flagged at the first look)')}",
                 file=sys.stderr,
                 flush=True,
             )
@@ -515,6 +684,8 @@ def on_finish(run: Any, summary: dict[str, Any]) -> None:
         return
     s = guard.summary()
     summary["guard"] = {k: v for k, v in s.items() if k != "evaluations"}
+    summary["guard"]["seconds"] = round(sum(e.get("seconds", 0.0) for e in guard.evaluations), 3)
+    summary["guard"]["looks"] = len(guard.evaluations)
     summary["guard"]["outcome"] = (
         f"stopped at step {guard.stopped['step']}"
         if guard.stopped

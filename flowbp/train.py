@@ -117,7 +117,7 @@ def setup(config: TrainConfig, run_dir: Path | None = None, resume_from: Path | 
     # (e.g. digits' diversity needs two images of a class), and the periodic metrics' weights
     eval_prompts = eval_prompt_set(config, backbone)
     check_eval_plan(config.backbone, eval_prompts, eval_size(config)[1])
-    if config.eval_every:
+    if config.eval_every or config.guard:  # the guard's looks score with the same scorers
         eval_scorers(config, backbone.name, reward, accelerator.device)
     if fsdp2 and config.offload in ("base", "all"):
         raise ValueError(f"offload: {config.offload!r} streams the base from the CPU; FSDP2 shards it (use one)")
@@ -282,15 +282,17 @@ def _loop(
     try:
         while run.step < c.steps and not guard.stopped(run):
             record = train_step(run)
+            kept: dict[str, Any] = {}
             if c.eval_every and run.step % c.eval_every == 0:
-                kept: dict[str, Any] = {}
                 try:  # the held-out evaluation of `flowbp eval`, into history.json
                     record["eval"] = periodic_eval(run, keep=kept)
                 except stop.StopRequested:
-                    pass  # a signal during it: the stop below checkpoints this (complete) step
-                else:
-                    if run.guard is not None:
-                        record["guard"] = guard.on_eval(run, kept, save_run_checkpoint)
+                    kept = {"interrupted": True}  # a signal during it: the stop below checkpoints this step
+            if guard.due(run) and "interrupted" not in kept:
+                try:  # the guard's own look (its cadence; reuses the periodic evaluation's images when they match)
+                    record["guard"] = guard.on_step(run, save_run_checkpoint, kept)
+                except stop.StopRequested:
+                    pass
             log_step(run, record)
             if guard.stopped(run):
                 break  # finish now: checkpoint, final evaluation, weights, summary saying why
