@@ -7,10 +7,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flowbp.config import TrainConfig
+if TYPE_CHECKING:  # annotations only: the CLI imports TrainingStopped without paying for torch, and
+    import torch  # flowbp.config's guard validation reaches this module (no import cycle)
 
-if TYPE_CHECKING:  # annotations only: the CLI imports TrainingStopped without paying for torch
-    import torch
+    from flowbp.config import TrainConfig
 
 
 class TrainingStopped(RuntimeError):
