@@ -567,6 +567,22 @@ def plan_cost(method: str, method_args: dict[str, Any], num_steps: int, draws: i
     return worst, inputs, ckpt
 
 
+def make_trainable(model: nn.Module, arch: Architecture, finetune: str, lora_rank: int) -> int:
+    """Attach the LoRA (rank = alpha, the architecture's targets) or unfreeze everything; returns the trainable
+    parameter count. The estimators' stand-in for the trainer's set-up (on meta or tiny models)."""
+    from peft import LoraConfig
+
+    if finetune == "lora":
+        model.requires_grad_(False)
+        targets = arch.lora_targets
+        model.add_adapter(LoraConfig(
+            r=lora_rank, lora_alpha=lora_rank, target_modules=targets if isinstance(targets, str) else list(targets),
+        ))
+    else:
+        model.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def estimate(
     arch: Architecture,
     method: str,
@@ -596,8 +612,6 @@ def estimate(
     / ``vae`` replace the full-size models (a test passes a tiny real model to compare with a
     measured run).
     """
-    from peft import LoraConfig
-
     device = torch.device(device)
     model = transformer
     if model is None:
@@ -606,15 +620,7 @@ def estimate(
     block_sizes = [sum(p.numel() for p in b.parameters()) for b in _blocks(model)]
     gathered = (2 * max(block_sizes, default=0) + parameters - sum(block_sizes)) * _BYTES[dtype]
     quantized_saving = _quantized_saving(model, base_quantization, _BYTES[dtype])
-    if finetune == "lora":
-        model.requires_grad_(False)
-        targets = arch.lora_targets
-        model.add_adapter(LoraConfig(
-            r=lora_rank, lora_alpha=lora_rank, target_modules=targets if isinstance(targets, str) else list(targets),
-        ))
-    else:
-        model.requires_grad_(True)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = make_trainable(model, arch, finetune, lora_rank)
     g = 1.0 if guidance_scale is None else guidance_scale
     carries_negative = g > 1.0 and arch.real_cfg and not detach_negative
     call_batch = batch_size * (2 if carries_negative else 1)  # [negative, positive] batched, both with grad

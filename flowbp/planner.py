@@ -49,6 +49,7 @@ from flowbp.dryrun import (
     build_meta,
     decode_saved_bytes,
     forward_saved_bytes,
+    make_trainable,
     plan_cost,
 )
 from flowbp.memory_modes import FSDP2_BASE_QUANTIZATIONS, quantizable, quantized_weight_bytes
@@ -233,8 +234,6 @@ def profile(
     vae: nn.Module | None = None,
 ) -> Profile:
     """Measure a :class:`Profile` (``transformer`` / ``vae``: tiny meta models in the tests)."""
-    from peft import LoraConfig
-
     model = transformer if transformer is not None else build_meta(
         arch.transformer_class, arch.transformer_config, dtype
     )
@@ -245,15 +244,7 @@ def profile(
     largest_linear = _largest_linear(model, elem)
     block_sizes = [sum(p.numel() for p in b.parameters()) for b in _blocks(model)]
     largest = max(block_sizes, default=0)
-    if finetune == "lora":
-        model.requires_grad_(False)
-        targets = arch.lora_targets
-        model.add_adapter(LoraConfig(
-            r=lora_rank, lora_alpha=lora_rank, target_modules=targets if isinstance(targets, str) else list(targets),
-        ))
-    else:
-        model.requires_grad_(True)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    trainable = make_trainable(model, arch, finetune, lora_rank)
     g = 1.0 if guidance_scale is None else guidance_scale
     branches = 2 if (g > 1.0 and arch.real_cfg and not detach_negative) else 1
     device = torch.device("meta")
