@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_pipelines import TINY_SD3_TEXT_LEN, meta_config, meta_twins, tiny_sd3_architecture, tiny_sd3_inputs
 
 from flowbp.backbones import load_backbone
 from flowbp.cli import main
@@ -17,29 +17,13 @@ from flowbp.memory import saved_tensor_bytes
 from flowbp.methods import make_plan
 from flowbp.trajectory import rollout
 
-TEXT_LEN = 77 + 256  # tiny CLIP pads to 77, tiny T5 to the pipeline's default 256
-
-
-def _config(module: torch.nn.Module) -> dict:
-    return {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
-
-
-def _tiny_inputs(batch: int, res: int, text_len: int, dtype: torch.dtype, device: torch.device) -> dict:
-    side = res // 2
-    return {
-        "hidden_states": torch.empty(batch, 4, side, side, dtype=dtype, device=device),
-        "encoder_hidden_states": torch.empty(batch, text_len, 32, dtype=dtype, device=device),
-        "pooled_projections": torch.empty(batch, 64, dtype=dtype, device=device),
-        "timestep": torch.empty(batch, dtype=torch.float32, device=device),
-    }
-
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_meta_measurement_equals_the_real_forward(tiny_sd3_dir: Path, checkpointing: bool) -> None:
     bb = load_backbone("sd3", path=str(tiny_sd3_dir), resolution=32)
     real = bb.transformer.requires_grad_(True)
-    meta = build_meta("SD3Transformer2DModel", _config(real), torch.float32).requires_grad_(True)
-    shapes = _tiny_inputs(2, 32, TEXT_LEN, torch.float32, torch.device("meta"))
+    meta = build_meta("SD3Transformer2DModel", meta_config(real), torch.float32).requires_grad_(True)
+    shapes = tiny_sd3_inputs(2, 32, TINY_SD3_TEXT_LEN, torch.float32, torch.device("meta"))
     real_inputs = {k: torch.rand(v.shape) * 0.5 for k, v in shapes.items()}
     measured = forward_saved_bytes(real, real_inputs, checkpointing)
     estimated = forward_saved_bytes(meta, shapes, checkpointing)
@@ -49,14 +33,11 @@ def test_meta_measurement_equals_the_real_forward(tiny_sd3_dir: Path, checkpoint
 def test_estimate_matches_a_measured_training_step(tiny_sd3_dir: Path) -> None:
     """The estimator on the tiny architecture (meta) vs the bytes a real LoRA step saves."""
     bb = load_backbone("sd3", path=str(tiny_sd3_dir), resolution=32)
-    arch = dataclasses.replace(
-        ARCHITECTURES["sd3"], make_inputs=_tiny_inputs, vae_latent_channels=4, vae_factor=2, text_len=TEXT_LEN
-    )
+    arch = tiny_sd3_architecture()
     est = estimate(
         arch, "flowbp-sparse", {"num_active": 3}, resolution=32, batch_size=2, num_steps=6, finetune="lora",
         lora_rank=4, dtype=torch.float32, guidance_scale=3.5, detach_negative=True, gradient_checkpointing=False,
-        transformer=build_meta("SD3Transformer2DModel", _config(bb.transformer), torch.float32),
-        vae=build_meta("AutoencoderKL", _config(bb.vae), torch.float32),
+        **meta_twins(bb),
     )
     assert est.grad_forwards == 3 and est.reward_inputs == 1
     bb.add_lora(4)
@@ -189,15 +170,14 @@ def test_lora_fsdp2_estimate_matches_a_measured_two_process_step(tiny_sd3_dir: P
     assert proc.returncode == 0, proc.stderr[-3000:]
     measured = json.loads(proc.stdout.strip().splitlines()[-1])
     bb = load_backbone("sd3", path=str(tiny_sd3_dir), resolution=32)
-    arch = dataclasses.replace(
-        ARCHITECTURES["sd3"], make_inputs=_tiny_inputs, vae_latent_channels=4, vae_factor=2, text_len=TEXT_LEN
-    )
-    meta = build_meta("SD3Transformer2DModel", _config(bb.transformer), torch.float32)
+    arch = tiny_sd3_architecture()
+    twins = meta_twins(bb)
+    meta = twins["transformer"]
     largest = max(sum(p.numel() for p in b.parameters()) for b in _blocks(meta)) * 4
     est = estimate(
         arch, "flowbp-sparse", {"num_active": 3}, resolution=32, batch_size=2, num_steps=6, finetune="lora",
         lora_rank=4, dtype=torch.float32, guidance_scale=3.5, transformer=meta,
-        vae=build_meta("AutoencoderKL", _config(bb.vae), torch.float32),
+        vae=twins["vae"],
     )
     assert measured["resident"] == (est.weights_bytes - est.vae_bytes) // 2
     one_block = est.gathered_bytes - largest

@@ -4,12 +4,12 @@ is saved for backward, and the bytes left on the onload device are what the plan
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_pipelines import meta_twins, tiny_sd3_architecture
 
 from flowbp.backbones import load_backbone
 from flowbp.config import load_config
@@ -106,15 +106,6 @@ def test_offload_composes_with_a_quantized_base(tiny_sd3_dir: Path) -> None:
         assert score == ref_score and err == 0.0, method
 
 
-def _tiny_inputs(batch: int, res: int, text_len: int, dtype: torch.dtype, device: torch.device) -> dict:
-    side = res // 2
-    return {
-        "hidden_states": torch.empty(batch, 4, side, side, dtype=dtype, device=device),
-        "encoder_hidden_states": torch.empty(batch, text_len, 32, dtype=dtype, device=device),
-        "pooled_projections": torch.empty(batch, 64, dtype=dtype, device=device),
-        "timestep": torch.empty(batch, dtype=torch.float32, device=device),
-    }
-
 
 @pytest.mark.parametrize("quant", ["none", "int8"])
 def test_resident_bytes_are_what_the_planner_counts(tiny_sd3_dir: Path, quant: str) -> None:
@@ -124,22 +115,15 @@ def test_resident_bytes_are_what_the_planner_counts(tiny_sd3_dir: Path, quant: s
     counted by the planner.)"""
     if quant != "none":
         pytest.importorskip("torchao")
-    from flowbp.dryrun import ARCHITECTURES, build_meta
     from flowbp.planner import Recipe, memory, profile
 
     bb, _, _, _ = _setup(tiny_sd3_dir, "base", quant)
     fresh = load_backbone("sd3", path=str(tiny_sd3_dir), resolution=32)
 
-    def config(m: torch.nn.Module) -> dict:
-        return {k: v for k, v in dict(m.config).items() if not k.startswith("_")}
-
-    arch = dataclasses.replace(
-        ARCHITECTURES["sd3"], make_inputs=_tiny_inputs, vae_latent_channels=4, vae_factor=2, text_len=77 + 256
-    )
+    arch = tiny_sd3_architecture()
     prof = profile(
         arch, "flowbp-lagrange", global_batch=2, resolution=32, num_steps=4, lora_rank=4, dtype=torch.float32,
-        transformer=build_meta("SD3Transformer2DModel", config(fresh.transformer), torch.float32),
-        vae=build_meta("AutoencoderKL", config(fresh.vae), torch.float32),
+        **meta_twins(fresh),
     )
     store = offload_store(bb.transformer)
     linears = [m for m in fresh.transformer.modules() if isinstance(m, torch.nn.Linear)]
@@ -156,8 +140,7 @@ def test_resident_bytes_are_what_the_planner_counts(tiny_sd3_dir: Path, quant: s
     dry = dry_estimate(
         arch, "flowbp-lagrange", resolution=32, batch_size=2, num_steps=4, finetune="lora", lora_rank=4,
         dtype=torch.float32, base_quantization=quant, offload="base",
-        transformer=build_meta("SD3Transformer2DModel", config(fresh.transformer), torch.float32),
-        vae=build_meta("AutoencoderKL", config(fresh.vae), torch.float32),
+        **meta_twins(fresh),
     )
     assert dry.weights_bytes == estimate
     # and what moved: the resident model minus the streamed weights

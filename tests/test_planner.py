@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_pipelines import meta_twins, tiny_sd3_architecture
 
 from flowbp.backbones import load_backbone
 from flowbp.cli import main
-from flowbp.dryrun import ARCHITECTURES, GiB, build_meta, estimate
+from flowbp.dryrun import GiB, estimate
 from flowbp.planner import SPEED, Affine, Profile, Recipe, memory, plan_for_gpu, profile, recipes, search, step_cost
 
 NO_QUANT = {"int8": (0, 0), "float8": (0, 0), "nf4": (0, 0)}
@@ -114,18 +115,6 @@ def test_lora_under_fsdp2_on_two_processes_by_hand() -> None:
     assert memory(p, plan.smallest).peak == 210 and "FSDP2" in plan.report()
 
 
-def _config(module: torch.nn.Module) -> dict:
-    return {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
-
-
-def _tiny_inputs(batch: int, res: int, text_len: int, dtype: torch.dtype, device: torch.device) -> dict:
-    side = res // 2
-    return {
-        "hidden_states": torch.empty(batch, 4, side, side, dtype=dtype, device=device),
-        "encoder_hidden_states": torch.empty(batch, text_len, 32, dtype=dtype, device=device),
-        "pooled_projections": torch.empty(batch, 64, dtype=dtype, device=device),
-        "timestep": torch.empty(batch, dtype=torch.float32, device=device),
-    }
 
 
 @pytest.mark.parametrize("finetune", ["lora", "full"])
@@ -133,25 +122,18 @@ def test_profile_extrapolation_equals_the_direct_estimate(tiny_sd3_dir: Path, fi
     """The profile (measured at micro-batch 1 and 2) predicts the dry run's direct measurement at 4,
     with and without checkpointing, and the same weights and optimizer bytes."""
     bb = load_backbone("sd3", path=str(tiny_sd3_dir), resolution=32)
-    arch = dataclasses.replace(
-        ARCHITECTURES["sd3"], make_inputs=_tiny_inputs, vae_latent_channels=4, vae_factor=2, text_len=77 + 256
-    )
-
-    def models() -> dict:
-        return {"transformer": build_meta("SD3Transformer2DModel", _config(bb.transformer), torch.float32),
-                "vae": build_meta("AutoencoderKL", _config(bb.vae), torch.float32)}
-
+    arch = tiny_sd3_architecture()
     common = dict(resolution=32, num_steps=6, finetune=finetune, lora_rank=4, dtype=torch.float32,
                   guidance_scale=3.5, detach_negative=False)
-    prof = profile(arch, "flowbp-sparse", {"num_active": 3}, global_batch=4, **common, **models())
+    prof = profile(arch, "flowbp-sparse", {"num_active": 3}, global_batch=4, **common, **meta_twins(bb))
     for ckpt in (False, True):
         est = estimate(arch, "flowbp-sparse", {"num_active": 3}, batch_size=4, gradient_checkpointing=ckpt,
-                       vae_gradient_checkpointing=ckpt, ema=True, **common, **models())
+                       vae_gradient_checkpointing=ckpt, ema=True, **common, **meta_twins(bb))
         b = memory(prof, Recipe(1, 4, 1, ckpt, ckpt))
         assert (b.activations, b.weights, b.optimizer) == (est.activation_bytes, est.weights_bytes, est.optimizer_bytes)
         # FSDP2 over 2 processes (micro-batch 2 each): the dry run's per-GPU FSDP line is the planner's memory
         half = estimate(arch, "flowbp-sparse", {"num_active": 3}, batch_size=2, gradient_checkpointing=ckpt,
-                        vae_gradient_checkpointing=ckpt, ema=True, **common, **models())
+                        vae_gradient_checkpointing=ckpt, ema=True, **common, **meta_twins(bb))
         assert memory(prof, Recipe(2, 2, 1, ckpt, ckpt, fsdp2=True)).peak == half.sharded_peak_bytes(2)
     assert prof.forward[True].per_sample < prof.forward[False].per_sample
 

@@ -121,6 +121,44 @@ def build_tiny_sd3(directory: str | Path, seed: int = 0, dual_attention_layers: 
     return pipe
 
 
+#: the tiny SD3's prompt length: its CLIP pads to 77 tokens, its T5 to the pipeline's default 256
+TINY_SD3_TEXT_LEN = 77 + 256
+
+
+def tiny_sd3_inputs(batch: int, res: int, text_len: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """The tiny SD3 transformer's forward inputs as empty tensors (an ``Architecture.make_inputs``)."""
+    side = res // 2
+    return {
+        "hidden_states": torch.empty(batch, 4, side, side, dtype=dtype, device=device),
+        "encoder_hidden_states": torch.empty(batch, text_len, 32, dtype=dtype, device=device),
+        "pooled_projections": torch.empty(batch, 64, dtype=dtype, device=device),
+        "timestep": torch.empty(batch, dtype=torch.float32, device=device),
+    }
+
+
+def tiny_sd3_architecture():
+    """flowbp.dryrun's SD3 architecture with the tiny pipeline's shapes, for the estimators and the planner."""
+    import dataclasses
+
+    from flowbp.dryrun import ARCHITECTURES
+
+    return dataclasses.replace(ARCHITECTURES["sd3"], make_inputs=tiny_sd3_inputs, vae_latent_channels=4,
+                               vae_factor=2, text_len=TINY_SD3_TEXT_LEN)
+
+
+def meta_config(module: torch.nn.Module) -> dict:
+    """A diffusers model's constructor arguments (its config without the private keys)."""
+    return {k: v for k, v in dict(module.config).items() if not k.startswith("_")}
+
+
+def meta_twins(backbone) -> dict:
+    """Meta-device copies of a tiny SD3 backbone's transformer and VAE (the estimators' ``transformer=`` / ``vae=``)."""
+    from flowbp.dryrun import build_meta
+
+    return {"transformer": build_meta("SD3Transformer2DModel", meta_config(backbone.transformer), torch.float32),
+            "vae": build_meta("AutoencoderKL", meta_config(backbone.vae), torch.float32)}
+
+
 def _flux_scheduler():
     """FLUX.1-dev's scheduler config: exponential dynamic shifting between 0.5 and 1.15."""
     from diffusers import FlowMatchEulerDiscreteScheduler
