@@ -71,7 +71,7 @@ def backbone_from_config(config: Any, device: torch.device | str) -> Backbone:
             gradient_checkpointing=config.gradient_checkpointing,
             vae_gradient_checkpointing=config.vae_gradient_checkpointing,
         )
-        if config.finetune == "lora" and getattr(config, "offload", "none") in ("base", "all"):
+        if config.finetune == "lora" and config.offload in ("base", "all"):
             kwargs["transformer_device"] = "cpu"  # streamed: its linear weights never go to the device
     try:
         return load_backbone(config.backbone, **kwargs)

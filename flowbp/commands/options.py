@@ -87,7 +87,7 @@ def load_backbone_for_cli(
     config = SimpleNamespace(
         backbone=backbone, backbone_path=backbone_path, backbone_args=dict(backbone_args or {}),
         resolution=resolution, dtype=dtype or "auto", finetune="lora", gradient_checkpointing=False,
-        vae_gradient_checkpointing=False,
+        vae_gradient_checkpointing=False, offload="none",  # sampling loads the whole transformer on the device
     )
     try:
         return backbone_from_config(config, device)
