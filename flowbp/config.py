@@ -114,6 +114,9 @@ class TrainConfig:
     guard_samples_per_prompt: int | None = None
     guard_alert_every: int | None = None
     guard_alert_samples_per_prompt: int | None = None
+    # a look past a tolerance that its bound does not exclude yet is extended, at the same step, to this many
+    # images per prompt (2× the alert set's); the step-0 baseline is sampled at this size
+    guard_confirm_samples_per_prompt: int | None = None
     guard_confidence: float = 0.99  # one-sided confidence of each look's bound
     sample_every: int = 50  # sample grid every N steps (0: only at start and end)
     checkpoint_every: int = 50  # 0: only at the end

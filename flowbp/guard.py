@@ -8,10 +8,12 @@ A ``guard:`` list in the training config names held-out metrics and a tolerance 
       - {metric: heldout-fd, tolerance: 1.0, action: warn}
 
 The guard runs its own evaluation (the guarded metrics only, no files), at its own cadence
-(:class:`Schedule`): at step 0 on the *alert* set, then every ``guard_every`` steps on the smaller
+(:class:`Schedule`): at step 0 on the *confirm* set, then every ``guard_every`` steps on the small
 *screen* set (its first images), and — once a look's point estimate has used up a quarter of a
-tolerance — every ``guard_alert_every`` steps on the alert set. The images are fixed (prompt × seed,
-:func:`flowbp.evaluate.plan_keys`), so every image at step t has a twin at step 0.
+tolerance — every ``guard_alert_every`` steps on the larger alert set. A look whose point estimate is
+past a tolerance that its bound does not yet exclude is extended, at the same step, to the confirm set.
+The images are fixed (prompt × seed, :func:`flowbp.evaluate.plan_keys`), so every image at step t has a
+twin at step 0, and each set is the first images of the next larger one.
 
 The decision rule, for one guarded metric with tolerance ε (in the metric's own units):
 
@@ -68,9 +70,14 @@ BOOTSTRAP_RESAMPLES = 400
 #: chance that a run whose metric never falls by more than the tolerance is stopped at some look below 5%
 #: (the looks share one image set; measured on constructed series in tests/test_guard.py, docs/guard.md).
 DEFAULT_CONFIDENCE = 0.99
-#: A look whose point estimate has used up this fraction of a tolerance puts the guard on alert: it then
-#: looks every ``guard_alert_every`` steps with the larger alert image set.
+#: A screen look whose point estimate has used up this fraction of a tolerance puts the guard on alert: it
+#: then looks every ``guard_alert_every`` steps with the larger alert image set.
 ALERT_FRACTION = 0.25
+#: The guard stays on alert while a look at the alert set (or larger) has used up this fraction. Hysteresis:
+#: the screen set is coarse, so it raises the alert early; the alert set is precise, so it keeps the alert
+#: only for a drift that is really under way (a run sitting a point below step 0 does not pay an alert-set
+#: look at every step).
+STAY_FRACTION = 0.5
 GUARD_DIR = "guard"
 LAST_GOOD = "last-good"
 
@@ -130,10 +137,13 @@ class Schedule:
     """When the guard looks and at how many images (its own evaluation: the guarded metrics only, no files).
 
     Every ``every`` steps it looks at the *screen* set (``samples_per_prompt`` images per evaluation prompt).
-    A look whose point estimate has used up ``ALERT_FRACTION`` of a tolerance puts it on alert: the next
-    looks come every ``alert_every`` steps on the larger *alert* set (``alert_samples_per_prompt`` per
-    prompt), until a look is clear again. Image k of every prompt uses seed ``seed + k``, so the screen set
-    is the first images of the alert set, and step 0's baseline (of the alert set) pairs with both.
+    A screen look whose point estimate has used up ``ALERT_FRACTION`` of a tolerance puts it on alert: the
+    next looks come every ``alert_every`` steps on the larger *alert* set (``alert_samples_per_prompt`` per
+    prompt), while they have used up ``STAY_FRACTION`` of it. A look whose point estimate is past a
+    tolerance that its bound does not exclude yet is extended at once, at the same step, to the *confirm*
+    set (``confirm_samples_per_prompt``): near the decision the bound is what limits how early a real fall
+    is stopped, and more images tighten it. Image k of every prompt uses seed ``seed + k``, so each set is
+    the first images of the next, and step 0's baseline (of the confirm set) pairs with all three.
     """
 
     every: int
@@ -142,6 +152,12 @@ class Schedule:
     alert_samples_per_prompt: int
     confidence: float = DEFAULT_CONFIDENCE
     seed: int = 2024
+    confirm_samples_per_prompt: int | None = None  # None: no confirm set (the alert set is the largest)
+
+    @property
+    def largest(self) -> int:
+        """Images per prompt of the baseline: the largest set any look uses."""
+        return max(self.alert_samples_per_prompt, self.confirm_samples_per_prompt or 0)
 
 
 def _positive(config: Any, name: str) -> int | None:
@@ -155,7 +171,10 @@ def _positive(config: Any, name: str) -> int | None:
 
 def check_schedule(config: Any) -> None:
     """The guard_* keys on their own (called from TrainConfig.check): one clear line per bad value."""
-    for name in ("guard_every", "guard_samples_per_prompt", "guard_alert_every", "guard_alert_samples_per_prompt"):
+    for name in (
+        "guard_every", "guard_samples_per_prompt", "guard_alert_every", "guard_alert_samples_per_prompt",
+        "guard_confirm_samples_per_prompt",
+    ):
         _positive(config, name)
     conf = getattr(config, "guard_confidence", DEFAULT_CONFIDENCE)
     if isinstance(conf, bool) or not isinstance(conf, (int, float)) or not 0.5 < conf < 1:
@@ -166,19 +185,29 @@ def check_schedule(config: Any) -> None:
             f"guard_alert_samples_per_prompt: {alert} is below guard_samples_per_prompt ({screen}); the alert "
             "set must contain the screen set (allowed: >= guard_samples_per_prompt)"
         )
+    confirm = getattr(config, "guard_confirm_samples_per_prompt", None)
+    floor = alert if alert is not None else screen
+    if confirm is not None and floor is not None and confirm < floor:
+        raise ValueError(
+            f"guard_confirm_samples_per_prompt: {confirm} is below the alert set's images per prompt ({floor}); "
+            "the confirm set must contain the alert set (allowed: >= guard_alert_samples_per_prompt)"
+        )
 
 
 def schedule_of(config: Any) -> Schedule:
     """The schedule with its defaults filled in: looks every max(1, eval_every // 5) steps at the evaluation's
-    images, on alert every max(1, every // 5) steps at five times as many (see :class:`Schedule`)."""
+    images, on alert every max(1, every // 5) steps at five times as many, confirmed at twice the alert
+    set's (see :class:`Schedule`)."""
     from flowbp.evaluate import eval_size
 
     every = _positive(config, "guard_every") or max(1, (config.eval_every or 0) // 5)
     screen = _positive(config, "guard_samples_per_prompt") or eval_size(config)[1]
     alert = _positive(config, "guard_alert_samples_per_prompt") or 5 * screen
     alert_every = _positive(config, "guard_alert_every") or max(1, every // 5)
+    alert = max(alert, screen)
+    confirm = _positive(config, "guard_confirm_samples_per_prompt") or 2 * alert
     conf = float(getattr(config, "guard_confidence", DEFAULT_CONFIDENCE))
-    return Schedule(every, screen, alert_every, max(alert, screen), conf, config.eval_seed)
+    return Schedule(every, screen, alert_every, alert, conf, config.eval_seed, max(confirm, alert))
 
 
 def check_config(config: Any) -> None:
@@ -396,11 +425,26 @@ class Guard:
                 event = {"step": step, "metric": rule.metric, "action": rule.action, **record["metrics"][rule.metric]}
                 self.events.append(event)
                 fired.append(event)
-        record["alert"] = any(
-            m["change"] < -ALERT_FRACTION * m["tolerance"] for m in record["metrics"].values()
-        )
+        per_prompt = len({k[1] for k in keys})
+        record["per_prompt"] = per_prompt
+        precise = self.schedule is not None and per_prompt >= self.schedule.alert_samples_per_prompt
+        fraction = STAY_FRACTION if precise else ALERT_FRACTION
+        record["alert"] = any(m["change"] < -fraction * m["tolerance"] for m in record["metrics"].values())
         self.evaluations.append(record)
         return fired
+
+    def needs_confirm(self) -> bool:
+        """The last look found a point estimate past a tolerance, with a bound that does not exclude it yet, on
+        fewer images than the confirm set: look again at this step on the confirm set before judging."""
+        if self.schedule is None or not self.schedule.confirm_samples_per_prompt or not self.evaluations:
+            return False
+        last = self.evaluations[-1]
+        confirm = self.schedule.confirm_samples_per_prompt
+        if last["flagged"] or last.get("per_prompt", 0) >= confirm:
+            return False
+        if len({k[1] for k in self.keys}) < confirm:  # a baseline from before the confirm set existed
+            return False
+        return any(m["change"] < -m["tolerance"] for m in last["metrics"].values())
 
     def message(self, event: Mapping[str, Any]) -> str:
         rule = next(r for r in self.rules if r.metric == event["metric"])
@@ -584,12 +628,24 @@ def _reward_of(run: Any, scores: Mapping[str, Sequence[float]]) -> float | None:
     return float(torch.tensor(scores[reward_spec], dtype=torch.float64).mean()) if reward_spec in scores else None
 
 
-def look(run: Any, per_prompt: int, kept: Mapping[str, Any] | None = None) -> tuple[list, dict, float | None]:
+@dataclass
+class Look:
+    """One look's images and scores, in key order (a larger look at the same step reuses them)."""
+
+    keys: list[list[int]]
+    images: list[torch.Tensor]
+    scores: dict[str, list[float]]
+
+
+def look(
+    run: Any, per_prompt: int, kept: Mapping[str, Any] | None = None, reuse: Look | None = None
+) -> tuple[Look, dict, float | None]:
     """The guard's own evaluation: ``per_prompt`` images of every evaluation prompt (seeds ``seed + k``) from the
     EMA weights, scored with the guarded metrics (and the training reward, for the Pareto plot) only.
 
     ``kept``: the periodic evaluation of this step (:func:`flowbp.evaluate.periodic_eval`'s ``keep``); when its
-    images are exactly these, they are reused instead of sampled again.
+    images are exactly these, they are reused instead of sampled again. ``reuse``: a smaller look of this
+    step (the same weights); only the images it lacks are sampled and scored.
     """
     from flowbp.evaluate import eval_metric_specs, eval_scorers, generate, plan_keys, score
     from flowbp.training.evaluation import eval_model
@@ -597,29 +653,42 @@ def look(run: Any, per_prompt: int, kept: Mapping[str, Any] | None = None) -> tu
     guard: Guard = run.guard
     c = run.config
     prompts = list(run.eval_prompts)
-    keys = plan_keys(len(prompts), per_prompt, guard.schedule.seed)
-    if kept and [tuple(k) for k in kept["image_set"].keys] == [tuple(k) for k in keys]:
-        images, scores = kept["image_set"].images, kept["scores"]
+    keys = [list(k) for k in plan_keys(len(prompts), per_prompt, guard.schedule.seed)]
+    if kept and [list(k) for k in kept["image_set"].keys] == keys:
+        images, scores = list(kept["image_set"].images), {k: list(v) for k, v in kept["scores"].items()}
     else:
+        have = {} if reuse is None else {tuple(k): i for i, k in enumerate(reuse.keys)}
+        missing = [tuple(k) for k in keys if tuple(k) not in have]
         specs = eval_metric_specs(c, run.backbone.name)
         wanted = {r.metric for r in guard.rules} | {specs[0]}
         scorers = {k: v for k, v in eval_scorers(c, run.backbone.name, run.reward, run.accelerator.device).items()
                    if k in wanted}
         with eval_model(run):
-            images = generate(run.backbone, prompts, keys, c.num_inference_steps, c.guidance_scale, c.eval_batch_size)
-        scores = score(images, [prompts[i] for i, _ in keys], scorers, c.eval_batch_size, run.accelerator.device)
+            new = generate(run.backbone, prompts, missing, c.num_inference_steps, c.guidance_scale, c.eval_batch_size)
+        new_scores = score(new, [prompts[i] for i, _ in missing], scorers, c.eval_batch_size, run.accelerator.device)
+        made = {k: j for j, k in enumerate(missing)}
+        images, scores = [], {name: [] for name in new_scores}
+        for k in map(tuple, keys):
+            if k in made:
+                images.append(new[made[k]])
+                for name in scores:
+                    scores[name].append(new_scores[name][made[k]])
+            else:
+                images.append(reuse.images[have[k]])
+                for name in scores:
+                    scores[name].append(reuse.scores[name][have[k]])
     values = eval_values(guard.rules, images, scores)
-    return [list(k) for k in keys], values, _reward_of(run, scores)
+    return Look(keys, images, scores), values, _reward_of(run, scores)
 
 
 def on_start(run: Any) -> None:
-    """Step 0: the baseline every later look is paired with, on the alert set (the screen set is its first images)."""
+    """Step 0: the baseline every later look is paired with, on the largest set (the others are its first images)."""
     guard: Guard | None = run.guard
     if guard is None or guard.has_baseline:
         return
     t0 = time.perf_counter()
-    keys, values, reward = look(run, guard.schedule.alert_samples_per_prompt)
-    guard.set_baseline(keys, values, reward)
+    seen, values, reward = look(run, guard.schedule.largest)
+    guard.set_baseline(seen.keys, values, reward)
     guard.evaluations[-1]["seconds"] = time.perf_counter() - t0
 
 
@@ -639,9 +708,15 @@ def on_step(run: Any, checkpoint: Any, kept: Mapping[str, Any] | None = None) ->
 
     guard: Guard = run.guard
     t0 = time.perf_counter()
-    keys, values, reward = look(run, guard.look_size(), kept)
-    fired = guard.observe(run.step, keys, values, reward)
+    seen, values, reward = look(run, guard.look_size(), kept)
+    fired = guard.observe(run.step, seen.keys, values, reward)
     guard.evaluations[-1]["seconds"] = time.perf_counter() - t0
+    if not fired and guard.needs_confirm():  # past a tolerance, not resolved yet: more images, same weights
+        t0 = time.perf_counter()
+        seen, values, reward = look(run, guard.schedule.confirm_samples_per_prompt, reuse=seen)
+        fired = guard.observe(run.step, seen.keys, values, reward)
+        guard.evaluations[-1]["seconds"] = time.perf_counter() - t0
+        guard.evaluations[-1]["confirm"] = True
     if not fired:
         path = checkpoint_dir(run.run_dir, run.step)
         guard.last_good = {

@@ -90,11 +90,19 @@ def _look_series(p_wrong: list[float], n: int, persist: float, gen: torch.Genera
     return out
 
 
-def _run_fires(p_wrong: list[float], n: int, persist: float, confidence: float, gen: torch.Generator) -> int | None:
-    """The first look at which the rule (tolerance 0.02) fires in one constructed run, or None."""
-    before = torch.ones(n, dtype=torch.float64)  # every image correct at step 0, as on digits
-    for j, after in enumerate(_look_series(p_wrong, n, persist, gen)):
-        if triggered(paired_change(before, after, +1.0, confidence), 0.02):
+def _run_fires(
+    p_wrong: list[float], n: int, persist: float, confidence: float, gen: torch.Generator, confirm: int | None = None
+) -> int | None:
+    """The first look at which the rule (tolerance 0.02) fires in one constructed run, or None. ``confirm``: a look
+    of n images whose estimate is past the tolerance, unresolved, is judged again on the first ``confirm`` images
+    (the guard's confirm set; the look's n images are its first)."""
+    size = confirm or n
+    before = torch.ones(size, dtype=torch.float64)  # every image correct at step 0, as on digits
+    for j, after in enumerate(_look_series(p_wrong, size, persist, gen)):
+        change = paired_change(before[:n], after[:n], +1.0, confidence)
+        if triggered(change, 0.02):
+            return j
+        if confirm and change["mean"] < -0.02 and triggered(paired_change(before, after, +1.0, confidence), 0.02):
             return j
     return None
 
@@ -111,6 +119,10 @@ def test_noise_over_many_looks_keeps_the_false_alarm_rate() -> None:
     assert guard < 0.05
     naive = sum(_run_fires(at_tolerance, 1000, 0.0, 0.975, gen) is not None for _ in range(runs)) / runs
     assert naive > 0.15  # measured 0.335 over 1000 runs (and 0.078 with the 99% bound on fresh images)
+    # the confirm set (2000 images, judged again whenever a 1000-image look is past the tolerance) is one more
+    # look at about half the looks: still below 5% (measured 0.033 over 300 runs; 3000 images: 0.07)
+    confirmed = [_run_fires(at_tolerance, 1000, 0.9, 0.99, gen, confirm=2000) is not None for _ in range(runs)]
+    assert sum(confirmed) / runs < 0.05
 
 
 def test_a_drop_inside_the_tolerance_never_triggers_over_many_looks() -> None:
@@ -129,6 +141,10 @@ def test_a_real_drop_over_looks_triggers_soon_after_crossing() -> None:
     assert all(f is not None for f in fired)
     assert min(fired) >= 3  # never before 3 points are lost (2 points is the tolerance)
     assert sorted(fired)[94] <= 5  # and in 95% of runs by 5 points
+    # the confirm set stops the same fall a look earlier: in 95% of runs by 4 points lost (digits: above 0.96)
+    confirmed = [_run_fires(ramp, 1000, 0.9, 0.99, gen, confirm=2000) for _ in range(100)]
+    assert all(f is not None and f >= 3 for f in confirmed)
+    assert sorted(confirmed)[94] <= 4 and sum(confirmed) < sum(fired)
 
 
 def test_fd_paired_bootstrap() -> None:
@@ -288,9 +304,10 @@ def test_schedule_defaults_and_alert_cadence() -> None:
 
     s = schedule_of(load_config(None, {"eval_every": 10}))
     assert (s.every, s.samples_per_prompt, s.alert_every, s.alert_samples_per_prompt) == (2, 20, 1, 100)
+    assert s.confirm_samples_per_prompt == 200 and s.largest == 200
     assert s.confidence == 0.99 and s.seed == 2024
     s = schedule_of(load_config(None, {"guard_every": 12, "guard_samples_per_prompt": 4}))
-    assert (s.every, s.alert_every, s.alert_samples_per_prompt) == (12, 2, 20)
+    assert (s.every, s.alert_every, s.alert_samples_per_prompt, s.confirm_samples_per_prompt) == (12, 2, 20, 40)
     g = Guard(parse_rules([{"metric": "heldout-correct", "tolerance": 0.12}]), s)
     keys = [[p, 2024 + k] for p in range(10) for k in range(20)]
     g.set_baseline(keys, {"heldout-correct": [1.0] * 200}, reward=None)
@@ -302,6 +319,43 @@ def test_schedule_defaults_and_alert_cadence() -> None:
     assert g.alert and (g.next_look(), g.look_size()) == (26, 20)
     g.observe(26, keys, {"heldout-correct": [1.0] * 200}, reward=None)  # clear again
     assert (g.next_look(), g.look_size()) == (38, 4)
+    # hysteresis: the alert set (precise) keeps the alert only past half the tolerance, the screen raises it at
+    # a quarter: −0.05 (0.42 of 0.12) raises the alert on the screen set but ends it on the alert set
+    g.observe(38, screen, {"heldout-correct": [1.0] * 38 + [0.0] * 2}, reward=None)
+    assert g.alert
+    g.observe(39, keys, {"heldout-correct": [1.0] * 190 + [0.0] * 10}, reward=None)
+    assert not g.alert and (g.next_look(), g.look_size()) == (51, 4)
+    g.observe(51, keys, {"heldout-correct": [1.0] * 186 + [0.0] * 14}, reward=None)  # −0.07: over half
+    assert g.alert and not g.needs_confirm()  # not past the tolerance: no confirm look
+
+
+def test_a_look_past_the_tolerance_is_confirmed_on_more_images() -> None:
+    """An alert-set look whose estimate is past the tolerance but whose bound is not: the guard asks for the
+    confirm set at the same step; with twice the images the same fall is resolved and fires. A resolved look,
+    a look inside the tolerance and a look already on the confirm set ask for nothing more."""
+    from flowbp.guard import schedule_of
+
+    s = schedule_of(load_config(None, {"guard_every": 2, "guard_samples_per_prompt": 20}))
+    assert (s.alert_samples_per_prompt, s.confirm_samples_per_prompt) == (100, 200)
+    g = Guard(parse_rules([{"metric": "heldout-correct", "tolerance": 0.02}]), s)
+    keys = [[p, 2024 + k] for p in range(10) for k in range(200)]
+    g.set_baseline(keys, {"heldout-correct": [1.0] * 2000}, reward=None)
+    alert_keys = [k for k in keys if k[1] < 2024 + 100]
+    lost = {(p, 2024 + k) for p in range(10) for k in (1, 3, 5)}  # 30 of 1000 lost: 0.97
+    assert not g.observe(20, alert_keys, {"heldout-correct": [0.0 if tuple(k) in lost else 1.0 for k in alert_keys]},
+                         reward=None)
+    assert g.evaluations[-1]["metrics"]["heldout-correct"]["upper"] > -0.02  # 1000 images cannot resolve 0.97 ...
+    assert g.needs_confirm()
+    lost |= {(p, 2024 + k) for p in range(10) for k in (101, 103, 105, 107)}  # 70 of 2000: 0.965
+    fired = g.observe(20, keys, {"heldout-correct": [0.0 if tuple(k) in lost else 1.0 for k in keys]}, reward=None)
+    assert [e["metric"] for e in fired] == ["heldout-correct"]  # ... 2000 images at 0.965 do
+    assert not g.needs_confirm()  # flagged: nothing to confirm
+    g2 = Guard(g.rules, s)
+    g2.set_baseline(keys, {"heldout-correct": [1.0] * 2000}, reward=None)
+    g2.observe(20, alert_keys, {"heldout-correct": [1.0] * 985 + [0.0] * 15}, reward=None)  # 0.985: inside
+    assert not g2.needs_confirm()
+    g2.observe(21, keys, {"heldout-correct": [1.0] * 1950 + [0.0] * 50}, reward=None)  # 0.975 on the confirm set
+    assert not g2.evaluations[-1]["flagged"] and not g2.needs_confirm()
 
 
 @pytest.mark.parametrize(
@@ -317,6 +371,8 @@ def test_bad_schedule_is_one_clear_error(key, value, message) -> None:
         load_config(None, {key: value})
     with pytest.raises(ValueError, match=r"guard_alert_samples_per_prompt: 3 is below guard_samples_per_prompt \(4\)"):
         load_config(None, {"guard_samples_per_prompt": 4, "guard_alert_samples_per_prompt": 3})
+    with pytest.raises(ValueError, match=r"guard_confirm_samples_per_prompt: 5 is below the alert set's .*\(6\)"):
+        load_config(None, {"guard_alert_samples_per_prompt": 6, "guard_confirm_samples_per_prompt": 5})
 
 
 def test_looks_happen_at_the_claimed_steps(tmp_path: Path) -> None:
@@ -340,8 +396,13 @@ def test_looks_happen_at_the_claimed_steps(tmp_path: Path) -> None:
     )
     summary = train(config)
     evals = json.loads((out / "guard" / "guard.json").read_text())["evaluations"]
-    assert evals[0]["step"] == 0 and evals[0]["n"] == 40  # the baseline: the alert set
+    assert evals[0]["step"] == 0 and evals[0]["n"] == 80  # the baseline: the confirm set (2 × the alert set)
     for prev, cur in itertools.pairwise(evals):
+        if cur.get("confirm"):  # the same step, on the confirm set, after a look past the tolerance, unresolved
+            m = prev["metrics"]["heldout-correct"]
+            assert cur["step"] == prev["step"] and cur["n"] == 80 and prev["n"] < 80, (prev, cur)
+            assert m["change"] < -0.02 and not m["flagged"], (prev, cur)
+            continue
         alert = bool(prev.get("alert"))
         assert cur["step"] - prev["step"] == (1 if alert else 3), (prev, cur)
         assert cur["n"] == (40 if alert else 20), (prev, cur)
