@@ -86,6 +86,8 @@ def row(run_dir: Path, per_prompt: int, seed: int) -> dict[str, Any]:
         "last_good_step": good["step"] if good else None,
         "independent_last_good": good_acc,
         "looks": g.get("looks"),
+        "confirm_looks": sum(bool(e.get("confirm")) for e in looks),
+        "lowest_guard_estimate": min((e["metrics"]["heldout-correct"]["value"] for e in looks), default=None),
         "guard_seconds": g.get("seconds"),
         "wall_seconds": summary["wall_time_s"],
         "independent_images": 10 * per_prompt,
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     rows = []
     print("| run | seed | stopped? | at step | guard's estimate (images) | independent acc of the stopped / final "
-          "model | last unflagged step | its independent acc | looks | guard s | wall s |")
+          "model | last unflagged step | its independent acc | looks (confirm) | guard s | wall s |")
     print("|---|---:|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for run_dir in args.runs:
         r = row(run_dir, args.images_per_prompt, args.seed)
@@ -112,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {run_dir.name} | {r['seed']} | {'yes' if r['stopped'] else 'no'} | "
             f"{r['stop_step'] if r['stopped'] else '–'} | {est} | {r['independent_final']:.3f} | "
-            f"{r['last_good_step']} | {good} | {r['looks']} | {r['guard_seconds']:.0f} | {r['wall_seconds']:.0f} |",
+            f"{r['last_good_step']} | {good} | {r['looks']} ({r['confirm_looks']}) | {r['guard_seconds']:.0f} | "
+            f"{r['wall_seconds']:.0f} |",
             flush=True,
         )
     if args.json:

@@ -540,7 +540,13 @@ class Estimate:
     def _fsdp_lines(self) -> list[str]:
         """The FSDP line, always per process: the sharded weights plus the activations of the micro-batch
         each process really holds (with one process: the paper's 8-GPU layout, estimated separately)."""
+        from flowbp.memory_modes import FSDP2_BASE_QUANTIZATIONS
+
         g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
+        if self.base_quantization not in FSDP2_BASE_QUANTIZATIONS:  # the trainer refuses it before building
+            allowed = ", ".join(FSDP2_BASE_QUANTIZATIONS)
+            return [f"  FSDP: not available with base_quantization {self.base_quantization} (torchao's tensor cannot "
+                    f"be sharded; allowed under FSDP2: {allowed}); more processes replicate the model (DDP)"]
         if self.processes > 1:
             return [f"  {f'per GPU, FSDP over {self.processes} GPUs':<30} "
                     f"{g(self.sharded_peak_bytes(self.processes))}  (--processes {self.processes}: micro-batch "
