@@ -270,6 +270,7 @@ def test_guard_stops_a_hacking_run_and_resume_keeps_its_state(tmp_path: Path) ->
             "learning_rate": 0.01,
             "eval_every": 1,
             "guard_alert_samples_per_prompt": 6,  # one image set: looks every step reuse the periodic evaluation
+            "guard_confirm_samples_per_prompt": 6,
             "output_dir": str(out),
             "log_with": "none",
             "guard": [
@@ -409,6 +410,48 @@ def test_looks_happen_at_the_claimed_steps(tmp_path: Path) -> None:
     assert evals[-1]["step"] > 10 - 3 and summary["guard"]["looks"] == len(evals)
     assert any(e.get("alert") for e in evals[1:-1]), "the run never went on alert: the test shows nothing"
     assert sorted(p.name for p in (out / "eval").iterdir()) == ["step-000005", "step-000010"]
+
+
+def test_a_confirm_look_samples_only_the_images_it_lacks(tmp_path: Path, monkeypatch) -> None:
+    """The confirm look extends a smaller look of the same step: it samples only the seeds that look lacks, and
+    what it returns (images, per-image scores, guarded values) is what a fresh look at the larger set returns."""
+    import flowbp.evaluate
+    from flowbp import guard
+    from flowbp.train import setup
+
+    config = load_config(
+        None,
+        {
+            "num_inference_steps": 4, "eval_every": 5, "progress": False, "log_with": "none",
+            "output_dir": str(tmp_path / "run"), "reward": "digit-contrast",
+            "guard": [{"metric": "heldout-correct", "tolerance": 0.02, "action": "stop"},
+                      {"metric": "heldout-fd", "tolerance": 1.0, "action": "warn"}],
+            "guard_samples_per_prompt": 1, "guard_alert_samples_per_prompt": 2, "guard_confirm_samples_per_prompt": 4,
+        },
+    )
+    run = setup(config, tmp_path / "run")
+    sampled: list[tuple[int, int]] = []
+    generate = flowbp.evaluate.generate
+
+    def counting(backbone, prompts, keys, *args, **kwargs):
+        sampled.extend(tuple(k) for k in keys)
+        return generate(backbone, prompts, keys, *args, **kwargs)
+
+    monkeypatch.setattr(flowbp.evaluate, "generate", counting)
+    small, _, _ = guard.look(run, 2)
+    assert len(sampled) == 20
+    sampled.clear()
+    big, values, reward = guard.look(run, 4, reuse=small)
+    assert sorted(sampled) == sorted((p, 2024 + k) for p in range(10) for k in (2, 3))  # only the lacking seeds
+    assert [tuple(k) for k in big.keys] == [(p, 2024 + k) for p in range(10) for k in range(4)]
+    fresh, fresh_values, fresh_reward = guard.look(run, 4)
+    for a, b in zip(big.images, fresh.images, strict=True):  # uint8; batches of another make-up may round apart
+        assert (a.int() - b.int()).abs().max() <= 1
+    assert values["heldout-correct"] == fresh_values["heldout-correct"]
+    assert torch.allclose(values["heldout-fd"], fresh_values["heldout-fd"], atol=1e-2)
+    assert reward == pytest.approx(fresh_reward, abs=1e-4)
+    reused = [i for i, k in enumerate(big.keys) if k[1] < 2024 + 2]
+    assert all(big.images[i] is small.images[small.keys.index(big.keys[i])] for i in reused)  # not re-sampled
 
 
 def test_tensorboard_and_pareto_outputs(tmp_path: Path) -> None:
