@@ -3,7 +3,7 @@
     PYTHONPATH=/work/venv-hpsv3 python tests/hpsv3_official.py TINY_DIR OUT.json IMG1.png PROMPT1 [IMG2.png PROMPT2 …]
 
 ``/work/venv-hpsv3`` holds hpsv3 1.0.0 with the transformers it pins (4.45.2; tokenizers 0.20.3,
-huggingface_hub 0.26.5, trl 0.11.4, omegaconf, fire, pandas), installed with ``pip install --target``
+huggingface_hub 0.26.5, trl 0.11.4, peft 0.13.2, omegaconf, fire, pandas), installed with ``pip install --target``
 and run on the main environment's torch. torchvision (only used by hpsv3 for videos) and ``datasets``
 (imported by its trainer module, unused for scoring) are replaced by empty stand-ins, because no
 torchvision build matches this torch. Everything that scores is the package's own code:

@@ -204,5 +204,5 @@ def test_accelerate_presets_parse_and_document_their_launch_command(capsys) -> N
         assert main(["accelerate-config", name]) == 0
         assert capsys.readouterr().out.strip() == str(path)
     fsdp = load_config_from_file(str(found["fsdp2"])).fsdp_config
-    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_state_dict_type"] == "SHARDED_STATE_DICT"
     assert load_config_from_file(str(found["multi-node"])).num_machines == 2

@@ -196,4 +196,6 @@ def test_lora_fsdp2_estimate_matches_a_measured_two_process_step(tiny_sd3_dir: P
     assert measured["resident"] == (est.weights_bytes - est.vae_bytes) // 2
     one_block = est.gathered_bytes - largest
     assert measured["gathered_peak"] <= est.gathered_bytes
-    assert abs(measured["gathered_peak"] - one_block) <= 0.01 * one_block, (measured, one_block)
+    # measured: 247,424 B with accelerate 1.15 (0.1 % under one block + root); 255,872 B with accelerate 1.6 (the
+    # floor), whose peak also holds norm_out's 8,448 B beside block 0 (+3.3 %): within 5 %, and under the estimate
+    assert 0.99 * one_block <= measured["gathered_peak"] <= 1.05 * one_block, (measured, one_block)

@@ -64,9 +64,14 @@ def tiny_mask2former(folder: Path, favour: int | None = BENCH, seed: int = 0) ->
             head.weight.zero_()
             head.bias.fill_(-10.0)
             head.bias[int(np.where(order == favour)[0][0])] = 10.0
+            # sharp masks (mean sigmoid inside ≈ 1, so scores ≈ 1): the mask logits are linear in the last mask
+            # embedder layer, so scale it until their mean magnitude is 6. A fixed factor does not do: the random
+            # init differs between transformers versions (5.5's mask logits are ~100× smaller than 5.24's)
             last = model.model.transformer_module.decoder.mask_predictor.mask_embedder.layers[-1].layers[0]
-            last.weight.mul_(100.0)  # sharp masks: mean sigmoid inside ≈ 1, so scores ≈ 1
-            last.bias.mul_(100.0)
+            probe = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+            scale = 6.0 / model(pixel_values=probe).masks_queries_logits.abs().mean()
+            last.weight.mul_(scale)
+            last.bias.mul_(scale)
     model.save_pretrained(folder)
     Mask2FormerImageProcessorPil(size={"shortest_edge": 64, "longest_edge": 128}, size_divisor=32).save_pretrained(
         folder
