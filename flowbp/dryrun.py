@@ -75,14 +75,23 @@ class Architecture:
     vae_frames: bool = False
 
 
-def _sd3_inputs(batch: int, res: int, text_len: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
-    side = res // 8
-    return {
-        "hidden_states": torch.empty(batch, 16, side, side, dtype=dtype, device=device),
-        "encoder_hidden_states": torch.empty(batch, text_len, 4096, dtype=dtype, device=device),
-        "pooled_projections": torch.empty(batch, 2048, dtype=dtype, device=device),
-        "timestep": torch.empty(batch, dtype=torch.float32, device=device),
-    }
+def sd3_inputs(
+    latent_channels: int = 16, vae_factor: int = 8, text_dim: int = 4096, pooled_dim: int = 2048
+) -> Callable[..., dict[str, Any]]:
+    """An SD3-family transformer's forward inputs as empty tensors (an ``Architecture.make_inputs``); the
+    defaults are SD3.5's, other widths serve smaller SD3 configs (the tests' tiny pipeline)."""
+
+    def make_inputs(batch: int, res: int, text_len: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
+        side = res // vae_factor
+        return {
+            "hidden_states": torch.empty(batch, latent_channels, side, side, dtype=dtype, device=device),
+            "encoder_hidden_states": torch.empty(batch, text_len, text_dim, dtype=dtype, device=device),
+            "pooled_projections": torch.empty(batch, pooled_dim, dtype=dtype, device=device),
+            "timestep": torch.empty(batch, dtype=torch.float32, device=device),
+        }
+
+    return make_inputs
+
 
 
 def _flux1_inputs(batch: int, res: int, text_len: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
@@ -163,7 +172,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         vae_latent_channels=16,
         text_len=77 + 512,
         lora_targets=SD3_LORA_TARGETS,
-        make_inputs=_sd3_inputs,
+        make_inputs=sd3_inputs(),
         real_cfg=True,
     ),
     "flux1": Architecture(
@@ -268,7 +277,7 @@ ARCHITECTURES: dict[str, Architecture] = {
         vae_latent_channels=16,
         text_len=77 + 512,
         lora_targets=SD3_LORA_TARGETS,
-        make_inputs=_sd3_inputs,
+        make_inputs=sd3_inputs(),
         real_cfg=True,
     ),
     "flux2-klein-4b": Architecture(

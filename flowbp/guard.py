@@ -707,15 +707,18 @@ def on_step(run: Any, checkpoint: Any, kept: Mapping[str, Any] | None = None) ->
     from flowbp.checkpoint import checkpoint_dir
 
     guard: Guard = run.guard
-    t0 = time.perf_counter()
-    seen, values, reward = look(run, guard.look_size(), kept)
-    fired = guard.observe(run.step, seen.keys, values, reward)
-    guard.evaluations[-1]["seconds"] = time.perf_counter() - t0
-    if not fired and guard.needs_confirm():  # past a tolerance, not resolved yet: more images, same weights
+
+    def judge(per_prompt: int, **sources: Any) -> tuple[Look, list[dict]]:
+        """Look at ``per_prompt`` images per prompt and record the verdict (and its seconds)."""
         t0 = time.perf_counter()
-        seen, values, reward = look(run, guard.schedule.confirm_samples_per_prompt, reuse=seen)
+        seen, values, reward = look(run, per_prompt, **sources)
         fired = guard.observe(run.step, seen.keys, values, reward)
         guard.evaluations[-1]["seconds"] = time.perf_counter() - t0
+        return seen, fired
+
+    seen, fired = judge(guard.look_size(), kept=kept)
+    if not fired and guard.needs_confirm():  # past a tolerance, not resolved yet: more images, same weights
+        seen, fired = judge(guard.schedule.confirm_samples_per_prompt, reuse=seen)
         guard.evaluations[-1]["confirm"] = True
     if not fired:
         path = checkpoint_dir(run.run_dir, run.step)

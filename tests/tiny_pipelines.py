@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from flowbp.dryrun import sd3_inputs
 from flowbp.rewards.convert import bytes_to_unicode
 
 TINY_RESOLUTION = 32
@@ -125,15 +126,8 @@ def build_tiny_sd3(directory: str | Path, seed: int = 0, dual_attention_layers: 
 TINY_SD3_TEXT_LEN = 77 + 256
 
 
-def tiny_sd3_inputs(batch: int, res: int, text_len: int, dtype: torch.dtype, device: torch.device) -> dict:
-    """The tiny SD3 transformer's forward inputs as empty tensors (an ``Architecture.make_inputs``)."""
-    side = res // 2
-    return {
-        "hidden_states": torch.empty(batch, 4, side, side, dtype=dtype, device=device),
-        "encoder_hidden_states": torch.empty(batch, text_len, 32, dtype=dtype, device=device),
-        "pooled_projections": torch.empty(batch, 64, dtype=dtype, device=device),
-        "timestep": torch.empty(batch, dtype=torch.float32, device=device),
-    }
+#: the tiny SD3 transformer's forward inputs as empty tensors (an ``Architecture.make_inputs``)
+tiny_sd3_inputs = sd3_inputs(latent_channels=4, vae_factor=2, text_dim=32, pooled_dim=64)
 
 
 def tiny_sd3_architecture():
