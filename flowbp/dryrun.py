@@ -93,7 +93,6 @@ def sd3_inputs(
     return make_inputs
 
 
-
 def _flux1_inputs(batch: int, res: int, text_len: int, dtype: torch.dtype, device: torch.device) -> dict[str, Any]:
     tokens = (res // 16) ** 2  # packed 2×2 latents: (B, (H/16)(W/16), 64)
     return {

@@ -328,6 +328,11 @@ def _to_json(values: Mapping[str, Any]) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------- the guard and its state
+def _per_prompt(keys: Sequence[Sequence[int]]) -> int:
+    """Images per prompt of a look: its distinct seeds (image k of every prompt has seed ``seed + k``)."""
+    return len({k[1] for k in keys})
+
+
 @dataclass
 class Guard:
     """The rules, the step-0 baseline, every look's verdict and what was done about it."""
@@ -425,7 +430,7 @@ class Guard:
                 event = {"step": step, "metric": rule.metric, "action": rule.action, **record["metrics"][rule.metric]}
                 self.events.append(event)
                 fired.append(event)
-        per_prompt = len({k[1] for k in keys})
+        per_prompt = _per_prompt(keys)
         record["per_prompt"] = per_prompt
         precise = self.schedule is not None and per_prompt >= self.schedule.alert_samples_per_prompt
         fraction = STAY_FRACTION if precise else ALERT_FRACTION
@@ -442,7 +447,7 @@ class Guard:
         confirm = self.schedule.confirm_samples_per_prompt
         if last["flagged"] or last.get("per_prompt", 0) >= confirm:
             return False
-        if len({k[1] for k in self.keys}) < confirm:  # a baseline from before the confirm set existed
+        if _per_prompt(self.keys) < confirm:  # a baseline from before the confirm set existed
             return False
         return any(m["change"] < -m["tolerance"] for m in last["metrics"].values())
 
@@ -666,17 +671,10 @@ def look(
         with eval_model(run):
             new = generate(run.backbone, prompts, missing, c.num_inference_steps, c.guidance_scale, c.eval_batch_size)
         new_scores = score(new, [prompts[i] for i, _ in missing], scorers, c.eval_batch_size, run.accelerator.device)
-        made = {k: j for j, k in enumerate(missing)}
-        images, scores = [], {name: [] for name in new_scores}
-        for k in map(tuple, keys):
-            if k in made:
-                images.append(new[made[k]])
-                for name in scores:
-                    scores[name].append(new_scores[name][made[k]])
-            else:
-                images.append(reuse.images[have[k]])
-                for name in scores:
-                    scores[name].append(reuse.scores[name][have[k]])
+        pool = {k: (reuse.images[i], {n: reuse.scores[n][i] for n in new_scores}) for k, i in have.items()}
+        pool.update({k: (new[j], {n: new_scores[n][j] for n in new_scores}) for j, k in enumerate(missing)})
+        images = [pool[tuple(k)][0] for k in keys]
+        scores = {n: [pool[tuple(k)][1][n] for k in keys] for n in new_scores}
     values = eval_values(guard.rules, images, scores)
     return Look(keys, images, scores), values, _reward_of(run, scores)
 
